@@ -1,0 +1,51 @@
+"""lora_muon_jax: LoRA-Muon (spectral steepest descent on the low-rank manifold) for JAX/Optax.
+
+Public surface, in three tiers:
+
+* pure array math: ``matrix_sign``, ``inverse_sqrt``, ``lora_muon_direction``;
+* transformations: ``scale_by_lora_muon``, ``scale_by_split_weight_decay``;
+* the optimizer: ``lora_muon(learning_rate, ...)``;
+
+plus factor-pair discovery: ``find_lora_pairs``, ``lora_param_labels``,
+``default_pair_rule``, ``LoraDimensionNumbers``, ``LoraPair``.
+
+The core imports only jax and optax.
+"""
+
+from lora_muon_jax._direction import METHODS, Method, lora_muon_direction, lora_muon_directions
+from lora_muon_jax._lora_muon import (
+    ScaleByLoraMuonState,
+    ScaleBySplitWeightDecayState,
+    lora_muon,
+    scale_by_lora_muon,
+    scale_by_split_weight_decay,
+)
+from lora_muon_jax._pairs import (
+    LoraDimensionNumbers,
+    LoraPair,
+    default_pair_rule,
+    find_lora_pairs,
+    lora_param_labels,
+)
+from lora_muon_jax._polar import inverse_sqrt, matrix_sign
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "LoraDimensionNumbers",
+    "LoraPair",
+    "Method",
+    "ScaleByLoraMuonState",
+    "ScaleBySplitWeightDecayState",
+    "default_pair_rule",
+    "find_lora_pairs",
+    "inverse_sqrt",
+    "lora_muon",
+    "lora_muon_direction",
+    "lora_muon_directions",
+    "lora_param_labels",
+    "matrix_sign",
+    "scale_by_lora_muon",
+    "scale_by_split_weight_decay",
+]

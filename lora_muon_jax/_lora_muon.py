@@ -1,0 +1,359 @@
+"""LoRA-Muon: spectral steepest descent on the low-rank manifold, as optax transforms.
+
+For every LoRA pair ``W = W_pre + α A Bᵀ`` (``A: m×r``, ``B: n×r``), with EMA
+momenta ``M_A, M_B`` of the factor gradients,
+
+    ΔA = -(η / 2α) msign(M_A R_B) R_B,   ΔB = -(η / 2α) msign(M_B R_A) R_A,
+    R_A = (AᵀA)^{-1/2}, R_B = (BᵀB)^{-1/2},
+    A ← s A + ΔA / s,   B ← s B + ΔB / s,   s = √(1 − λη).
+
+η (``learning_rate``) is the spectral-norm radius of the step on W: each tangent
+half ``α ΔA Bᵀ`` and ``α A ΔBᵀ`` has spectral norm η/2. The split weight decay
+decays the product ``A Bᵀ`` by exactly ``1 − λη`` (dense Muon's rate) and leaves
+the tangent step untouched. The step is invariant to the gauge
+``(A, B) → (A R, B R^{-T})``.
+
+Three tiers: ``lora_muon_direction`` (pure arrays), ``scale_by_lora_muon``
+(momentum + direction; no learning rate, no decay), ``lora_muon`` (the full
+optimizer with split decay and a fallback for non-LoRA parameters).
+
+Reference: Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest
+Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_muon_jax import _direction, _pairs
+from lora_muon_jax._direction import Method
+from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
+
+_F32 = jnp.float32
+# Under a schedule λη cannot be checked when the optimizer is built; at run time
+# it is clipped to this so s = √(1 − λη) stays positive (static values must be < 1).
+_MAX_DECAY_FRACTION = 1.0 - 1e-6
+
+LoraScale = float | jax.Array | Callable[[str], float]
+
+
+class ScaleByLoraMuonState(NamedTuple):
+    """State of ``scale_by_lora_muon``: one momentum per factor, no second moments."""
+
+    count: jax.Array  # int32[], number of updates so far
+    mu: optax.Updates  # EMA of factor gradients: the params' tree and shapes, dtype mu_dtype
+
+
+class ScaleBySplitWeightDecayState(NamedTuple):
+    """State of ``scale_by_split_weight_decay``."""
+
+    count: jax.Array  # int32[], step index for the learning-rate schedule
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x, dtype=_F32)
+
+
+def _no_params_error(what: str) -> ValueError:
+    return ValueError(
+        f"{optax.NO_PARAMS_MSG} {what} needs the current factors (their Grams "
+        "define the step): call `update(grads, state, params)`."
+    )
+
+
+def _pair_scale(lora_scale: LoraScale, name: str) -> jax.Array:
+    value = lora_scale(name) if callable(lora_scale) else lora_scale
+    return _f32(value)
+
+
+def scale_by_lora_muon(
+    momentum: float | jax.Array = 0.9,
+    *,
+    nesterov: bool = False,
+    method: Method = "gram",
+    mu_dtype: Any = None,
+    lora_scale: LoraScale = 1.0,
+    pair_rule: PairRule | None = None,
+    dimension_numbers: DimensionNumbersArg = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Momentum plus the LoRA-Muon direction, per factor pair (no learning rate).
+
+    For each pair, ``M ← β M + (1 − β) G`` on both factors (Nesterov: the
+    direction uses ``β M + (1 − β) G``), then returns
+
+        D_A = msign(M_A R_B) R_B / (2α),   D_B = msign(M_B R_A) R_A / (2α),
+
+    so that ``‖α D_A Bᵀ‖₂ = ‖α A D_Bᵀ‖₂ = 1/2``: scaling by ``-η`` gives a step
+    whose two tangent halves have spectral norm η/2 on W. No bias correction:
+    the direction does not depend on the scale of M.
+
+    Every leaf must belong to a LoRA pair (use ``lora_muon``, or
+    ``optax.partition`` with ``lora_param_labels``, for mixed trees).
+
+    Args:
+      momentum: EMA rate β of the factor momenta.
+      nesterov: use Nesterov momentum (off in the paper).
+      method: ``"gram"`` (default; fast Gram form) or ``"paper"`` (Algorithm 1
+        literally); see ``lora_muon_jax.METHODS``.
+      mu_dtype: dtype of the momenta (default: the parameters' dtype). The math
+        runs in float32 whatever this is.
+      lora_scale: α in ``W = W_pre + α A Bᵀ`` (qwix: alpha/rank), a number or
+        ``f(pair_name) -> float``; the step is divided by it so η stays a
+        radius on W.
+      pair_rule: ``f(path: tuple[str, ...]) -> (group, "a" | "b") | None``;
+        ``None`` means ``default_pair_rule``. Under ``optax.inject_hyperparams``
+        name callables in ``static_args``.
+      dimension_numbers: ``None`` (infer), a ``LoraDimensionNumbers`` or
+        ``f(pair_name, a_shape, b_shape)``; see ``find_lora_pairs``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+    """
+    _direction.check_method(method)
+    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
+
+    def _resolve(tree: Any, where: str) -> list[_pairs.LoraPair]:
+        resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
+        if resolved.unpaired:
+            shown = ", ".join(resolved.unpaired[:5])
+            more = f" (and {len(resolved.unpaired) - 5} more)" if len(resolved.unpaired) > 5 else ""
+            raise ValueError(
+                f"scale_by_lora_muon.{where}: leaves that are not LoRA factors: {shown}{more}. "
+                "Use lora_muon(...) (non-LoRA leaves go to its fallback) or "
+                "optax.partition(..., lora_param_labels(params))."
+            )
+        return resolved.pairs
+
+    def init_fn(params: optax.Params) -> ScaleByLoraMuonState:
+        _resolve(params, "init")
+        return ScaleByLoraMuonState(
+            count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype)
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByLoraMuonState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByLoraMuonState]:
+        del extra_args
+        pairs = _resolve(updates, "update")
+        grads, treedef = jax.tree_util.tree_flatten(updates)
+        if not grads:
+            return updates, state._replace(count=optax.safe_increment(state.count))
+        if params is None:
+            raise _no_params_error("scale_by_lora_muon")
+        factors = treedef.flatten_up_to(params)
+        mus = treedef.flatten_up_to(state.mu)
+        beta = _f32(momentum)
+        new_mu = [beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32) for m, g in zip(mus, grads)]
+        if nesterov:
+            mu_hat = [beta * m + (1.0 - beta) * g.astype(_F32) for m, g in zip(new_mu, grads)]
+        else:
+            mu_hat = new_mu
+
+        def math_inputs(p: _pairs.LoraPair) -> _direction.FactorPair:
+            a, b = factors[p.a_index], factors[p.b_index]
+            ma, mb = mu_hat[p.a_index], mu_hat[p.b_index]
+            return (
+                _pairs.to_math_layout(a, p, "a"),
+                _pairs.to_math_layout(b, p, "b"),
+                _pairs.to_math_layout(ma, p, "a"),
+                _pairs.to_math_layout(mb, p, "b"),
+            )
+
+        directions = _direction.lora_muon_directions([math_inputs(p) for p in pairs], method)
+        out: list[Any] = list(grads)
+        for p, (u_a, u_b) in zip(pairs, directions):
+            half = 0.5 / _pair_scale(lora_scale, p.name)
+            out[p.a_index] = (_pairs.from_math_layout(u_a, p, "a") * half).astype(grads[p.a_index].dtype)
+            out[p.b_index] = (_pairs.from_math_layout(u_b, p, "b") * half).astype(grads[p.b_index].dtype)
+        new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus)]
+        return (
+            jax.tree_util.tree_unflatten(treedef, out),
+            ScaleByLoraMuonState(
+                count=optax.safe_increment(state.count),
+                mu=jax.tree_util.tree_unflatten(treedef, new_mu_cast),
+            ),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_split_weight_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float | jax.Array = 0.01,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scale a LoRA direction by ``-η`` and apply the paper's split weight decay.
+
+    With ``s = √(1 − λη)`` each factor moves to ``s A + ΔA / s`` where
+    ``ΔA = -η D_A``: the update is ``-(η/s) D_A − (λη / (1 + s)) A``. The decay
+    term is written as ``λη/(1+s)`` (equal to ``1 − s``) so it keeps its digits
+    when λη is tiny. Then ``A'B'ᵀ = (1 − λη) ABᵀ + ΔA Bᵀ + A ΔBᵀ + ΔA ΔBᵀ/s²``.
+
+    Args:
+      learning_rate: η, a float or an optax schedule.
+      weight_decay: λ; λη must be < 1 (checked when both are numbers; under a
+        schedule λη is clipped to 1 − 1e-6).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+    """
+
+    def init_fn(params: optax.Params) -> ScaleBySplitWeightDecayState:
+        del params
+        return ScaleBySplitWeightDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleBySplitWeightDecayState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleBySplitWeightDecayState]:
+        del extra_args
+        if not jax.tree_util.tree_leaves(updates):
+            return updates, ScaleBySplitWeightDecayState(optax.safe_increment(state.count))
+        if params is None:
+            raise _no_params_error("scale_by_split_weight_decay")
+        lr = _f32(learning_rate(state.count) if callable(learning_rate) else learning_rate)
+        decay_fraction = jnp.clip(_f32(weight_decay) * lr, 0.0, _MAX_DECAY_FRACTION)
+        s = jnp.sqrt(1.0 - decay_fraction)
+        step_coeff = -lr / s
+        decay_coeff = -decay_fraction / (1.0 + s)
+
+        def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
+            return (step_coeff * d.astype(_F32) + decay_coeff * p.astype(_F32)).astype(d.dtype)
+
+        new_updates = jax.tree.map(leaf, updates, params)
+        return new_updates, ScaleBySplitWeightDecayState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def lora_muon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float | jax.Array = 0.9,
+    nesterov: bool = False,
+    weight_decay: float | jax.Array = 0.01,
+    method: Method = "gram",
+    mu_dtype: Any = None,
+    lora_scale: LoraScale = 1.0,
+    pair_rule: PairRule | None = None,
+    dimension_numbers: DimensionNumbersArg = None,
+    fallback: optax.GradientTransformation | None = None,
+    fallback_learning_rate: optax.ScalarOrSchedule | None = None,
+    fallback_weight_decay: float | jax.Array = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LoRA-Muon (Cesista et al., 2026): the paper's Algorithm 1 as an optax optimizer.
+
+    Per LoRA pair ``W = W_pre + α A Bᵀ`` (found by tree structure, see
+    ``find_lora_pairs``):
+
+        M ← β M + (1 − β) G,   ΔA = -(η/2α) msign(M_A R_B) R_B,   ΔB = -(η/2α) msign(M_B R_A) R_A,
+        A ← s A + ΔA / s,   B ← s B + ΔB / s,   R_X = (XᵀX)^{-1/2},   s = √(1 − λη).
+
+    Every other leaf goes to ``fallback`` (default: ``optax.adamw`` with
+    ``fallback_learning_rate`` and ``fallback_weight_decay``).
+
+    Hyperparameters:
+      * ``learning_rate`` η is the **spectral-norm radius of the step on W**:
+        each tangent half gets η/2 whatever the width, rank or factor scale
+        (no shape factor). The paper's best η on its TinyShakespeare study is
+        0.1 for dense Muon and for LoRA-Muon at every rank ≥ 2 — tune it like
+        dense Muon's and expect it to transfer across ranks.
+      * ``weight_decay`` λ (paper: 0.01) decays the product ``A Bᵀ`` by
+        ``1 − λη`` per step, like dense Muon's decoupled decay on W.
+      * ``momentum`` β (paper: 0.9), EMA; ``nesterov`` off in the paper.
+      * ``lora_scale`` α: declare your adapter's scale (qwix: ``alpha/rank``)
+        so η stays a radius on W. Leave at 1 for ``nnx.LoRA``.
+
+    Args:
+      learning_rate: η, a float or an optax schedule.
+      momentum: EMA rate β.
+      nesterov: Nesterov momentum.
+      weight_decay: λ, applied with the split rule; λη < 1.
+      method: ``"gram"`` (default, fast) or ``"paper"`` (Algorithm 1 with the
+        paper's Tables 1–2); see ``lora_muon_jax.METHODS``.
+      mu_dtype: momentum dtype (default: the parameters' dtype); math is float32.
+      lora_scale: α, a number or ``f(pair_name) -> float``.
+      pair_rule: how factors are paired (default ``default_pair_rule``).
+      dimension_numbers: axis layout of pairs (default: inferred).
+      fallback: the transformation for non-LoRA leaves (overrides the two
+        ``fallback_*`` arguments).
+      fallback_learning_rate: AdamW learning rate for non-LoRA leaves
+        (default: ``learning_rate``, as ``optax.contrib.muon`` does; its units
+        differ — a per-entry step, not a spectral radius — so set it).
+      fallback_weight_decay: AdamW weight decay for non-LoRA leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax import lora_muon
+      >>> params = {'lora_a': jax.random.normal(jax.random.key(0), (16, 2)),
+      ...           'lora_b': jnp.zeros((2, 8))}
+      >>> opt = lora_muon(learning_rate=0.1)
+      >>> state = opt.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Cesista, Crowson, Simal, Biderman, `LoRA-Muon: Spectral Steepest Descent
+      on the Low-Rank Manifold <https://arxiv.org/abs/2606.12921>`_, 2026.
+
+    .. warning::
+      Unlike ``optax.contrib.muon`` there is no ``sqrt(fan_out/fan_in)`` shape
+      factor and no bias correction, and the weight decay is the split rule,
+      not ``optax.add_decayed_weights`` (which would decay ``A Bᵀ`` by
+      ``(1 − λη)²``).
+    """
+    _direction.check_method(method)
+    if _is_number(weight_decay) and weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay=}")
+    if _is_number(learning_rate) and _is_number(weight_decay):
+        if float(learning_rate) * float(weight_decay) >= 1.0:  # type: ignore[arg-type]
+            raise ValueError(
+                "the split weight decay needs weight_decay * learning_rate < 1 "
+                f"(s = sqrt(1 - λη)), got {weight_decay=} * {learning_rate=}"
+            )
+    if fallback is not None and fallback_learning_rate is not None:
+        raise ValueError("pass either `fallback` or `fallback_learning_rate`, not both")
+    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
+    factor_tx = optax.chain(
+        scale_by_lora_muon(
+            momentum,
+            nesterov=nesterov,
+            method=method,
+            mu_dtype=mu_dtype,
+            lora_scale=lora_scale,
+            pair_rule=rule,
+            dimension_numbers=dimension_numbers,
+        ),
+        scale_by_split_weight_decay(learning_rate, weight_decay),
+    )
+    if fallback is None:
+        fallback = optax.adamw(
+            learning_rate=learning_rate if fallback_learning_rate is None else fallback_learning_rate,
+            weight_decay=fallback_weight_decay,
+            mu_dtype=mu_dtype,
+        )
+
+    def labels(params: optax.Params) -> Any:
+        return _pairs.lora_param_labels(
+            params, pair_rule=rule, dimension_numbers=dimension_numbers
+        )
+
+    return optax.partition({"lora": factor_tx, "fallback": fallback}, labels)

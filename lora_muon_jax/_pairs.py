@@ -1,0 +1,310 @@
+"""Finding LoRA factor pairs in a parameter tree, by tree structure.
+
+A pair is two sibling leaves that a *pair rule* maps to the same group with
+roles ``"a"`` and ``"b"``. The default rule knows three layouts:
+
+* ``lora_a`` / ``lora_b`` siblings: flax ``nnx.LoRA``, ``nnx.LoRALinear``
+  (under its ``lora`` child) and this package's modules;
+* ``<name>_lora_a`` / ``<name>_lora_b`` siblings: qwix
+  (``kernel_lora_a``, ``kernel_lora_b``);
+* ``lora: {a: ..., b: ...}``: gemma-style.
+
+Key paths are read with nnx's trailing ``.value`` attribute dropped, so the
+Variables ``nnx.Optimizer`` gives ``init`` and the arrays it gives ``update``
+pair identically. ``optax.MaskedNode`` holes and leafless placeholders have no
+leaves and are simply skipped.
+
+Layout: ``x @ lora_a @ lora_b`` with ``lora_a (*batch, *in_axes, r)`` and
+``lora_b (*batch, r, *out_axes)``, i.e. ``A = lora_a`` flattened to
+``(m = prod(in_axes), r)`` and ``B = lora_bᵀ`` flattened to
+``(n = prod(out_axes), r)``. Leading axes the two factors share (stacked or
+scanned layers, dot_general batch dimensions) are batch axes: one independent
+pair per index. ``LoraDimensionNumbers`` says where the rank axes are when a
+tree uses another layout and fixes the batch axes when inference is ambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+Role = Literal["a", "b"]
+PairRule = Callable[[tuple[str, ...]], "tuple[Hashable, Role] | None"]
+
+
+class LoraDimensionNumbers(NamedTuple):
+    """Where the axes of a pair's factors go in ``A (m×r)`` and ``B (n×r)``.
+
+    Attributes:
+      num_batch_axes: leading axes shared by both factors that index
+        independent pairs (stacked/scanned layers). ``None``: infer it as the
+        largest count of equal leading axes that leaves a valid pair.
+      a_rank_axis: the rank axis of ``lora_a`` among its non-batch axes
+        (flax/qwix: ``-1``). Its other non-batch axes flatten into m.
+      b_rank_axis: the rank axis of ``lora_b`` among its non-batch axes
+        (flax/qwix: ``0``). Its other non-batch axes flatten into n.
+
+    Example: PyTorch-PEFT-style ``lora_A (r, in)``, ``lora_B (out, r)`` is
+    ``LoraDimensionNumbers(a_rank_axis=0, b_rank_axis=-1)``.
+    """
+
+    num_batch_axes: int | None = None
+    a_rank_axis: int = -1
+    b_rank_axis: int = 0
+
+
+DimensionNumbersArg = (
+    LoraDimensionNumbers
+    | Callable[[str, tuple[int, ...], tuple[int, ...]], LoraDimensionNumbers | None]
+    | None
+)
+
+
+class LoraPair(NamedTuple):
+    """A resolved factor pair: where its leaves are and how to read them."""
+
+    name: str  # e.g. "['block']['attn']['kernel_lora_{a,b}']"
+    a_index: int  # index of lora_a among the tree's leaves (jax.tree.leaves order)
+    b_index: int
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    dims: LoraDimensionNumbers  # num_batch_axes resolved to an int
+
+    @property
+    def rank(self) -> int:
+        rest = self.a_shape[self.dims.num_batch_axes or 0 :]
+        return rest[self.dims.a_rank_axis]
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, DictKey):
+        return str(key.key)
+    if isinstance(key, GetAttrKey):
+        return key.name
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    if isinstance(key, FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def normalized_path(path: Sequence[Any]) -> tuple[str, ...]:
+    """Key path as strings, without nnx's trailing ``.value`` attribute."""
+    keys = list(path)
+    if keys and isinstance(keys[-1], GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return tuple(_key_name(k) for k in keys)
+
+
+def default_pair_rule(path: tuple[str, ...]) -> tuple[Hashable, Role] | None:
+    """The default rule: flax ``lora_a/lora_b``, qwix ``*_lora_a/_b``, gemma ``lora/{a,b}``.
+
+    Args:
+      path: a leaf's key path as strings (see ``normalized_path``).
+
+    Returns:
+      ``(group, role)`` for a factor, ``None`` for any other leaf. Leaves with
+      equal groups form a pair.
+    """
+    if not path:
+        return None
+    *parent, leaf = path
+    if leaf in ("lora_a", "lora_b"):
+        return (*parent, "lora_{a,b}"), leaf[-1]  # type: ignore[return-value]
+    for suffix in ("_lora_a", "_lora_b"):
+        if leaf.endswith(suffix) and len(leaf) > len(suffix):
+            return (*parent, leaf[: -len(suffix)] + "_lora_{a,b}"), suffix[-1]  # type: ignore[return-value]
+    if parent and parent[-1] == "lora" and leaf in ("a", "b"):
+        return (*parent, "{a,b}"), leaf  # type: ignore[return-value]
+    return None
+
+
+def _group_name(group: Hashable) -> str:
+    if isinstance(group, tuple):
+        return "".join(f"[{k!r}]" for k in group)
+    return repr(group)
+
+
+def _infer_num_batch_axes(
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dims: LoraDimensionNumbers
+) -> int | None:
+    for k in range(min(len(a_shape), len(b_shape)) - 2, -1, -1):
+        if a_shape[:k] != b_shape[:k]:
+            continue
+        if _rank_of(a_shape[k:], dims.a_rank_axis) == _rank_of(b_shape[k:], dims.b_rank_axis):
+            return k
+    return None
+
+
+def _rank_of(shape: tuple[int, ...], axis: int) -> int | None:
+    if not -len(shape) <= axis < len(shape):
+        return None
+    return shape[axis]
+
+
+def _resolve_dims(
+    name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], arg: DimensionNumbersArg
+) -> LoraDimensionNumbers:
+    dims = arg(name, a_shape, b_shape) if callable(arg) else arg
+    dims = dims if dims is not None else LoraDimensionNumbers()
+    if not isinstance(dims, LoraDimensionNumbers):
+        raise TypeError(f"pair {name}: dimension numbers must be LoraDimensionNumbers, got {dims!r}")
+    nb = dims.num_batch_axes
+    if nb is None:
+        nb = _infer_num_batch_axes(a_shape, b_shape, dims)
+        if nb is None:
+            raise ValueError(
+                f"pair {name}: lora_a {a_shape} and lora_b {b_shape} do not form a LoRA pair "
+                f"with rank axes a_rank_axis={dims.a_rank_axis}, b_rank_axis={dims.b_rank_axis}: "
+                "the ranks differ (or no leading batch axes agree). Check the factor shapes, "
+                "or pass LoraDimensionNumbers(...) via `dimension_numbers`."
+            )
+    if nb < 0 or nb > min(len(a_shape), len(b_shape)) - 2:
+        raise ValueError(
+            f"pair {name}: num_batch_axes={nb} leaves fewer than 2 axes in lora_a {a_shape} "
+            f"or lora_b {b_shape}"
+        )
+    if a_shape[:nb] != b_shape[:nb]:
+        raise ValueError(
+            f"pair {name}: the {nb} batch axes differ: lora_a {a_shape}, lora_b {b_shape}"
+        )
+    r_a = _rank_of(a_shape[nb:], dims.a_rank_axis)
+    r_b = _rank_of(b_shape[nb:], dims.b_rank_axis)
+    if r_a is None or r_b is None or r_a != r_b:
+        raise ValueError(
+            f"pair {name}: mismatched ranks: lora_a {a_shape} has rank {r_a} "
+            f"(axis {dims.a_rank_axis} after {nb} batch axes) but lora_b {b_shape} has rank "
+            f"{r_b} (axis {dims.b_rank_axis})"
+        )
+    return dims._replace(num_batch_axes=nb)
+
+
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
+    return tuple(jnp.shape(leaf)), getattr(leaf, "dtype", None)
+
+
+class _Resolved(NamedTuple):
+    pairs: list[LoraPair]
+    unpaired: list[str]  # key paths (jax.tree_util.keystr) of leaves in no pair
+
+
+def resolve_pairs(
+    tree: Any, pair_rule: PairRule = default_pair_rule, dimension_numbers: DimensionNumbersArg = None
+) -> _Resolved:
+    """Pairs and unpaired leaves of ``tree``; raises on lone or malformed factors."""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
+    groups: dict[Hashable, dict[str, tuple[int, str]]] = {}
+    unpaired = []
+    for index, (path, _) in enumerate(leaves_with_path):
+        match = pair_rule(normalized_path(path))
+        keystr = jax.tree_util.keystr(tuple(path))
+        if match is None:
+            unpaired.append(keystr)
+            continue
+        group, role = match
+        if role not in ("a", "b"):
+            raise ValueError(f"pair rule returned role {role!r} for {keystr}; expected 'a' or 'b'")
+        slot = groups.setdefault(group, {})
+        if role in slot:
+            raise ValueError(
+                f"two leaves claim role {role!r} in LoRA pair {_group_name(group)}: "
+                f"{slot[role][1]} and {keystr}"
+            )
+        slot[role] = (index, keystr)
+    pairs = []
+    for group, slot in groups.items():
+        name = _group_name(group)
+        if set(slot) != {"a", "b"}:
+            (role, (index, keystr)), = slot.items()
+            shape, _ = _shape_dtype(leaves_with_path[index][1])
+            other = "lora_b" if role == "a" else "lora_a"
+            raise ValueError(
+                f"LoRA factor {keystr} (shape {shape}) has no matching {other} sibling "
+                f"(pair {name}). Both factors of a pair must be in the tree, and inside "
+                "optax.partition/masked both must get the same label."
+            )
+        (ia, ka), (ib, kb) = slot["a"], slot["b"]
+        a_shape, a_dtype = _shape_dtype(leaves_with_path[ia][1])
+        b_shape, b_dtype = _shape_dtype(leaves_with_path[ib][1])
+        for keystr, shape, dtype in ((ka, a_shape, a_dtype), (kb, b_shape, b_dtype)):
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"LoRA factor {keystr} has dtype {dtype} (shape {shape}); LoRA factors "
+                    "must be real floating point arrays"
+                )
+        dims = _resolve_dims(name, a_shape, b_shape, dimension_numbers)
+        pairs.append(LoraPair(name, ia, ib, a_shape, b_shape, dims))
+    return _Resolved(pairs, unpaired)
+
+
+def find_lora_pairs(
+    tree: Any,
+    *,
+    pair_rule: PairRule = default_pair_rule,
+    dimension_numbers: DimensionNumbersArg = None,
+) -> list[LoraPair]:
+    """List the LoRA factor pairs of a tree (to inspect what the optimizer will see).
+
+    Args:
+      tree: parameters, gradients, an ``nnx.State`` or a tree of
+        ``jax.ShapeDtypeStruct``.
+      pair_rule: maps a leaf's key path (strings) to ``(group, "a" | "b")`` or
+        ``None``; default ``default_pair_rule``.
+      dimension_numbers: ``None`` (infer), one ``LoraDimensionNumbers`` for all
+        pairs, or ``f(pair_name, a_shape, b_shape) -> LoraDimensionNumbers | None``.
+
+    Returns:
+      One ``LoraPair`` per pair, in tree order of their groups.
+
+    Raises:
+      ValueError: a factor without its sibling, mismatched ranks or batch axes.
+      TypeError: a non-floating factor.
+    """
+    return resolve_pairs(tree, pair_rule, dimension_numbers).pairs
+
+
+def lora_param_labels(
+    tree: Any,
+    *,
+    pair_rule: PairRule = default_pair_rule,
+    dimension_numbers: DimensionNumbersArg = None,
+    lora_label: str = "lora",
+    other_label: str = "fallback",
+) -> Any:
+    """Label every leaf ``lora_label`` (a factor of a pair) or ``other_label``.
+
+    For ``optax.partition({'lora': lora_muon(...), 'fallback': ...}, labels)``.
+    Both factors of a pair always get the same label.
+    """
+    resolved = resolve_pairs(tree, pair_rule, dimension_numbers)
+    in_pair = {i for p in resolved.pairs for i in (p.a_index, p.b_index)}
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    labels = [lora_label if i in in_pair else other_label for i in range(len(leaves))]
+    return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def to_math_layout(x: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+    """``lora_a`` -> ``A`` as (N, m, r); ``lora_b`` -> ``B`` as (N, n, r); N = prod(batch)."""
+    nb = pair.dims.num_batch_axes or 0
+    rank_axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
+    rank_axis = nb + (rank_axis % (x.ndim - nb))
+    x = jnp.moveaxis(x, rank_axis, -1)
+    batch = math.prod(x.shape[:nb])
+    return x.reshape((batch, -1, x.shape[-1]))
+
+
+def from_math_layout(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+    """Inverse of ``to_math_layout``."""
+    shape = pair.a_shape if role == "a" else pair.b_shape
+    nb = pair.dims.num_batch_axes or 0
+    rank_axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
+    rank_axis = nb + (rank_axis % (len(shape) - nb))
+    moved = list(shape)
+    r = moved.pop(rank_axis)
+    y = y.reshape((*moved, r))
+    return jnp.moveaxis(y, -1, rank_axis)

@@ -1,0 +1,311 @@
+"""Matmul-only matrix functions: the polar factor and the SPD inverse square root.
+
+Both are fixed-length polynomial iterations (no QR, no eigh, no SVD), so they
+jit, vmap and shard like any other matmul chain and run in float32 at
+``precision=HIGHEST`` whatever the input dtype.
+
+References:
+  Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest Descent on
+  the Low-Rank Manifold", arXiv:2606.12921, 2026 (Appendix B.3 Table 1, B.4
+  Table 2).
+  Amsel, Persson, Musco, Gower, "The Polar Express: Optimal Matrix Sign Methods
+  and Their Application to the Muon Algorithm", arXiv:2505.16932, 2025.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+# Paper, Appendix B.3, Table 1: 8 quintic Newton–Schulz steps for msign.
+PAPER_MSIGN_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (7.2086, -15.5131, 9.0178),
+    (3.9623, -2.5813, 0.4542),
+    (3.9466, -2.5765, 0.4544),
+    (3.8991, -2.5671, 0.4566),
+    (3.7186, -2.5308, 0.4653),
+    (3.1390, -2.3073, 0.4733),
+    (2.1715, -1.5246, 0.3885),
+    (1.8648, -1.2224, 0.3577),
+)
+
+# Paper, Appendix B.4, Table 2: 7 coupled steps for P^{-1/2}, damping and safety.
+PAPER_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (7.424865680309214, -18.39581635618996, 12.896720413604342),
+    (3.4877256051546017, -2.3300436563986993, 0.4404692168431095),
+    (2.7766085124882527, -2.070643152532662, 0.46302261050004967),
+    (1.9913142104341506, -1.373936700681269, 0.3875934979568538),
+    (1.8754637749479246, -1.2505152090010534, 0.37505152463617264),
+    (1.874999066623701, -1.2499981332141676, 0.37499906659046633),
+    (1.875, -1.25, 0.375),
+)
+PAPER_INV_SQRT_EPS = 1e-5
+PAPER_INV_SQRT_GAMMA = 1.001
+
+# Gram form: minimax (Polar Express) steps for eigenvalues of P/‖P‖_F in
+# [1e-8, 1.02], γ = 1.01 folded into the first seven rows; float64 error of the
+# scalar map < 1e-12 over that interval. Derived by
+# `tools/derive_inverse_sqrt_coefficients.py` (re-run in tests/test_polar.py).
+GRAM_INV_SQRT_LOWER = 1e-4  # smallest singular value (√eigenvalue) designed for
+GRAM_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (4.214611692100267, -12.265893576806072, 8.925513707659647),
+    (4.213359627997317, -12.255559598461325, 8.916586558506603),
+    (4.208081642565003, -12.212061775744317, 8.879017854998239),
+    (4.185828995712539, -12.029810066752047, 8.72174158091339),
+    (4.092180089903479, -11.282825952802183, 8.079470762803439),
+    (3.7144865405157534, -8.585268496558298, 5.79802192259893),
+    (2.691929973899452, -3.495813971571848, 1.7915065197586353),
+    (1.9425420400757072, -1.3887828245381404, 0.44624078446243315),
+    (1.8750937602226676, -1.2501875274786893, 0.3750937672560217),
+)
+# Damping relative to ‖P‖_F: the schedule covers eigenvalues down to ℓ² = 1e-8.
+GRAM_INV_SQRT_EPS = 1e-8
+# float32 rounding can make a numerically singular Gram slightly indefinite
+# (eigenvalues near -1e-7·‖P‖ were seen); such a matrix does not converge. Any
+# matrix whose residual ‖Z Y − I‖ stays above GRAM_INV_SQRT_TOL is recomputed
+# with the paper's damping 1e-5 (inside a lax.cond, so only when one fails).
+# The residual is an entrywise 1-norm.
+GRAM_INV_SQRT_FALLBACK_EPS = 1e-5
+GRAM_INV_SQRT_TOL = 1e-3
+
+# Numerical rank of factor Grams (gram method). A float32 Gram carries rounding
+# of ~1e-7·‖S‖, so eigenvalues below GRAM_RANK_TOL·‖S‖_F (factor singular values
+# below ~1e-3·σ_max) are treated as null directions: the factor's inverse root
+# becomes a pseudo-inverse root there (the spec's zero-Gram convention, extended
+# to rank-deficient factors). The projector onto the kept eigenvalues is
+# (I + sign(S/‖S‖_F − τI))/2, with the matrix sign by the odd-quintic steps below
+# (same derivation, lower end 5e-7; the tools script prints them with that
+# argument). It only runs, inside a lax.cond, when some Gram needs it.
+GRAM_RANK_TOL = 1e-6
+GRAM_SIGN_LOWER = 5e-7
+GRAM_SIGN_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (4.214999178568934, -12.26909290334469, 8.928277627946079),
+    (4.214992918642084, -12.269041213083367, 8.928232971853769),
+    (4.214966533028454, -12.26882334005902, 8.928044747844805),
+    (4.214855317372814, -12.267905031408784, 8.927251409561912),
+    (4.214386538593805, -12.264034828576719, 8.923907952207772),
+    (4.212410555156177, -12.247730274331719, 8.909823543338643),
+    (4.204080543519208, -12.17915646507612, 8.850605886485035),
+    (4.168961341670202, -11.892886187993042, 8.60372512748869),
+    (4.021733400631927, -10.74190375850636, 7.616904756422574),
+    (3.4608064505814284, -7.039559553578145, 4.526551132476059),
+    (2.357935404144823, -2.420259351845116, 1.062323947700293),
+    (1.8894383769322454, -1.2790440086274242, 0.3896056316951788),
+    (1.8750937602226676, -1.2501875274786893, 0.3750937672560217),
+)
+
+InverseSqrtMethod = Literal["gram", "paper"]
+_INV_SQRT_METHODS: dict[str, str] = {
+    "gram": "Y–Z coupled Polar-Express iteration, 9 steps, ε = 1e-8 (fallback 1e-5)",
+    "paper": "the paper's Table 2: 7 coupled steps, ε = 1e-5, γ = 1.001",
+}
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_F32 = jnp.float32
+# A Gram whose largest diagonal entry is below float32's smallest normal number
+# is treated as exactly zero (its factor underflows when squared): inverse root 0.
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.matmul(x, y, precision=_HIGHEST)
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sym(x: jax.Array) -> jax.Array:
+    return 0.5 * (x + _mT(x))
+
+
+def _eye_like(p: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), p.shape)
+
+
+def gram(x: jax.Array) -> jax.Array:
+    """Return ``xᵀx`` over the last two axes, (..., m, r) -> (..., r, r), in float32."""
+    return jnp.einsum(
+        "...mr,...ms->...rs", x, x, precision=_HIGHEST, preferred_element_type=_F32
+    )
+
+
+def scaled_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Overflow-safe Gram: ``xᵀx = c² · G`` with G finite, c >= 1 of shape (...).
+
+    The plain float32 Gram is used (c = 1) unless some Gram in the batch is not
+    finite (factor entries beyond ~1e19); then, inside a ``lax.cond``, every
+    matrix of the batch is recomputed from ``x / max|x|``.
+    """
+    g = gram(x)
+    ones = jnp.ones(g.shape[:-2], _F32)
+
+    def _rescaled(_: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = jnp.max(jnp.abs(x.astype(_F32)), axis=(-2, -1))
+        c = jnp.where(c >= 1.0, c, 1.0)
+        return gram(x / c[..., None, None].astype(x.dtype)), c
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(g)), lambda _: (g, ones), _rescaled, None)
+
+
+def _paper_iteration(p0: jax.Array) -> jax.Array:
+    """Paper Table 2: ``W = (a/γ)I + (b/γ³)P + (c/γ⁵)P²; X ← XW; P ← sym(P W²)``."""
+    eye = _eye_like(p0)
+    x, pk = eye, p0
+    g = PAPER_INV_SQRT_GAMMA
+    for a, b, c in PAPER_INV_SQRT_COEFFS:
+        w = (a / g) * eye + (b / g**3) * pk + (c / g**5) * _mm(pk, pk)
+        x = _mm(x, w)
+        pk = _sym(_mm(pk, _mm(w, w)))
+    return _sym(x)
+
+
+def _yz_iteration(p0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``M = Z Y; W = aI + bM + cM²; Y ← Y W; Z ← W Z`` (Y → P₀^{1/2}, Z → P₀^{-1/2}).
+
+    The two-sided coupled form (Higham 1997) stays stable under the large
+    early-step coefficients, where ``P ← P W²`` drifts. Returns Z and the
+    residual ``Σ|Z Y − I|`` per matrix.
+    """
+    eye = _eye_like(p0)
+    y, z = p0, eye
+    for a, b, c in GRAM_INV_SQRT_COEFFS:
+        m = _mm(z, y)
+        w = a * eye + b * m + c * _mm(m, m)
+        y, z = _mm(y, w), _mm(w, z)
+    # A sum (not a max: XLA's max-reduce can drop NaN) so a NaN fails the check.
+    residual = jnp.sum(jnp.abs(_mm(z, y) - eye), axis=(-2, -1))
+    return _sym(z), residual
+
+
+def _symmetric_sign(y: jax.Array) -> jax.Array:
+    """sign(Y) of a symmetric Y with eigenvalues in [-1, 1.01]: ``Y ← Y (a + b Y² + c Y⁴)``."""
+    eye = _eye_like(y)
+    for a, b, c in GRAM_SIGN_COEFFS:
+        y2 = _mm(y, y)
+        y = _sym(_mm(y, a * eye + b * y2 + c * _mm(y2, y2)))
+    return y
+
+
+def inverse_sqrt_normalized(
+    p: jax.Array, method: InverseSqrtMethod = "gram", *, pseudo: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Matmul-only inverse square root, split as ``P^{-1/2} ≈ scale · X``.
+
+    ``t = ‖P‖_F``, ``P₀ = P/t + εI``, ``X ≈ P₀^{-1/2}``, ``scale = t^{-1/2}``.
+    Returning X (entries at most ~ε^{-1/2}) and the scalar apart keeps products
+    of several roots finite whatever the scale of P. A numerically zero P gives
+    ``X = 0, scale = 0`` (the paper's convention).
+
+    Args:
+      p: symmetric positive semi-definite, shape (..., r, r), any float dtype.
+      method: ``"gram"`` or ``"paper"`` (see ``_INV_SQRT_METHODS``).
+      pseudo: (gram only) pseudo-inverse root: directions with eigenvalues
+        below ``GRAM_RANK_TOL·‖P‖_F`` get 0 instead of a huge ``ε^{-1/2}``.
+
+    Returns:
+      ``(X, scale)`` with shapes (..., r, r) and (...), float32.
+    """
+    p = p.astype(_F32)
+    diag_max = jnp.max(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
+    is_zero = ~(diag_max >= _TINY)  # zero, subnormal (underflowed) or NaN-free empty
+    safe_diag = jnp.where(is_zero, 1.0, diag_max)
+    p = p / safe_diag[..., None, None]  # |p_ij| <= 1: the norm cannot overflow
+    norm = jnp.where(is_zero, 1.0, jnp.sqrt(jnp.sum(p * p, axis=(-2, -1))))
+    p = p / norm[..., None, None]
+    eye = _eye_like(p)
+    if method == "paper":
+        x = _paper_iteration(p + PAPER_INV_SQRT_EPS * eye)
+    elif method == "gram":
+        x, residual = _yz_iteration(p + GRAM_INV_SQRT_EPS * eye)
+        failed = ~(residual <= GRAM_INV_SQRT_TOL) & ~is_zero
+        if pseudo:
+            # ‖X‖_F² = Σ 1/λ_i (eigenvalues of P/t): above 1/τ some λ_i < τ.
+            fix = (failed | ~(jnp.sum(x * x, axis=(-2, -1)) <= 1.0 / GRAM_RANK_TOL)) & ~is_zero
+        else:
+            fix = failed
+
+        def _refine(x: jax.Array) -> jax.Array:
+            x_safe, _ = _yz_iteration(p + GRAM_INV_SQRT_FALLBACK_EPS * eye)
+            x_new = jnp.where(failed[..., None, None], x_safe, x)
+            if pseudo:
+                projector = 0.5 * (eye + _symmetric_sign(p - GRAM_RANK_TOL * eye))
+                x_new = _sym(_mm(projector, _mm(x_new, projector)))
+            x_new = jnp.where(jnp.isfinite(x_new), x_new, 0.0)
+            return jnp.where(fix[..., None, None], x_new, x)
+
+        x = jax.lax.cond(jnp.any(fix), _refine, lambda x: x, x)
+    else:
+        raise ValueError(f"method must be one of {sorted(_INV_SQRT_METHODS)}, got {method!r}")
+    x = jnp.where(is_zero[..., None, None], 0.0, x)
+    scale = jnp.where(is_zero, 0.0, jax.lax.rsqrt(safe_diag * norm))
+    return x, scale
+
+
+def inverse_sqrt(p: jax.Array, *, method: InverseSqrtMethod = "gram") -> jax.Array:
+    """Inverse square root of a symmetric PSD matrix by a matmul-only iteration.
+
+    ``method="gram"`` uses this package's Polar-Express schedule in the stable
+    two-sided coupled form (9 steps, damping 1e-8·‖P‖_F; as accurate as
+    float32 ``eigh`` for κ(P) up to ~1e6);
+    ``method="paper"`` the paper's Table 2 (7 steps, ε = 1e-5, γ = 1.001).
+    A numerically zero P (largest diagonal entry below float32's smallest
+    normal number) has inverse root 0, the paper's convention.
+
+    Args:
+      p: shape (..., r, r); leading axes are batch axes.
+      method: ``"gram"`` or ``"paper"``.
+
+    Returns:
+      ``P^{-1/2}`` of shape (..., r, r), float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from lora_muon_jax import inverse_sqrt
+      >>> r = inverse_sqrt(jnp.diag(jnp.array([4.0, 1.0])))
+      >>> [round(float(v), 4) for v in jnp.diagonal(r)]
+      [0.5, 1.0]
+    """
+    if method not in _INV_SQRT_METHODS:
+        raise ValueError(f"method must be one of {sorted(_INV_SQRT_METHODS)}, got {method!r}")
+    if p.ndim < 2 or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"inverse_sqrt needs square matrices (..., r, r), got {p.shape=}")
+    x, scale = inverse_sqrt_normalized(p, method)
+    return x * scale[..., None, None]
+
+
+def matrix_sign(
+    x: jax.Array,
+    *,
+    coeffs: tuple[tuple[float, float, float], ...] = PAPER_MSIGN_COEFFS,
+) -> jax.Array:
+    """Polar factor ``msign(X) = U Vᵀ`` (thin SVD ``X = U Σ Vᵀ``) by Newton–Schulz.
+
+    The paper's Appendix B.3 recipe: orient X so that ``X Xᵀ`` is the small
+    side, normalise by the Frobenius norm, then per row (a, b, c)
+    ``U = X Xᵀ; X ← a X + (b U + c U²) X``; orient back. For a tall m×r input
+    every step costs O(m r²). Zero singular values stay zero.
+
+    Args:
+      x: shape (..., m, n); leading axes are batch axes. Any float dtype.
+      coeffs: one (a, b, c) row per step; default: the paper's Table 1 (8 steps).
+
+    Returns:
+      The polar factor, shape (..., m, n), float32.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"matrix_sign needs matrices (..., m, n), got {x.shape=}")
+    x = x.astype(_F32)
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = _mT(x)
+    amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    x = x / jnp.where(amax > 0, amax, 1.0)  # the norm below cannot overflow
+    norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+    x = x / jnp.where(norm > 0, norm, 1.0)
+    for a, b, c in coeffs:
+        u = _mm(x, _mT(x))
+        x = a * x + _mm(b * u + c * _mm(u, u), x)
+    return _mT(x) if transpose else x
