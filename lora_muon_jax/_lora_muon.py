@@ -236,6 +236,28 @@ def scale_by_split_weight_decay(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _with_standard_promotion(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Trace ``tx`` under standard dtype promotion.
+
+    optax's own transforms (e.g. ``adamw``'s bias correction ``b1 ** count``
+    with an int32 count) are not written for ``jax_numpy_dtype_promotion=
+    "strict"``; this keeps ``lora_muon`` usable when a user enables it.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params: optax.Params) -> Any:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -356,4 +378,6 @@ def lora_muon(
             params, pair_rule=rule, dimension_numbers=dimension_numbers
         )
 
-    return optax.partition({"lora": factor_tx, "fallback": fallback}, labels)
+    return optax.partition(
+        {"lora": factor_tx, "fallback": _with_standard_promotion(fallback)}, labels
+    )
