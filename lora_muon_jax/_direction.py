@@ -103,9 +103,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
     # Chain 1: S_A^{-1/2}, S_B^{-1/2} for every pair ≈ scale · X / c; pseudo-inverse
     # roots, so a rank-deficient factor's null directions get 0, not ε^{-1/2}
     # (R appears twice in K: rounding noise there would be amplified ~ε^{-3/2}).
-    roots_s = _batched_inverse_sqrt(
-        [g for fg in factor_grams for g, _ in fg], "gram", pseudo=True
-    )
+    roots_s = _batched_inverse_sqrt([g for fg in factor_grams for g, _ in fg], "gram", pseudo=True)
     # Chain 2: Q_A = R_B P̂_A R_B, Q_B = R_A P̂_B R_A, with P̂ = P / max diag(P).
     inner = []
     for i, (p_a, p_b) in enumerate(momentum_grams):
@@ -147,9 +145,7 @@ def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.
         # msign(M R) R with R = (t/c) X: msign is scale invariant, so use X.
         u_a = _mm(_polar.matrix_sign(_mm(mu_a.astype(_F32), x_sb)), x_sb)
         u_b = _mm(_polar.matrix_sign(_mm(mu_b.astype(_F32), x_sa)), x_sa)
-        out.append(
-            (u_a * (t_sb / c_sb)[..., None, None], u_b * (t_sa / c_sa)[..., None, None])
-        )
+        out.append((u_a * (t_sb / c_sb)[..., None, None], u_b * (t_sa / c_sa)[..., None, None]))
     return out
 
 
@@ -222,5 +218,5 @@ def lora_muon_direction(
         )
     batch = a.shape[:-2]
     flat = [x.reshape((-1, *x.shape[-2:])) for x in (a, b, mu_a, mu_b)]
-    (u_a, u_b), = lora_muon_directions([(flat[0], flat[1], flat[2], flat[3])], method)
+    ((u_a, u_b),) = lora_muon_directions([(flat[0], flat[1], flat[2], flat[3])], method)
     return u_a.reshape((*batch, *a.shape[-2:])), u_b.reshape((*batch, *b.shape[-2:]))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +60,14 @@ def _f32(x: Any) -> jax.Array:
     return jnp.asarray(x, dtype=_F32)
 
 
+def _increment(count: jax.Array) -> jax.Array:
+    return jnp.asarray(optax.safe_increment(count))
+
+
 def _no_params_error(what: str) -> ValueError:
     return ValueError(
-        f"{optax.NO_PARAMS_MSG} {what} needs the current factors (their Grams "
-        "define the step): call `update(grads, state, params)`."
+        f"{what} needs the current parameters (the factors' Grams define the step) "
+        "but `params` is None: call `update(grads, state, params)`."
     )
 
 
@@ -138,23 +142,29 @@ def scale_by_lora_muon(
 
     def update_fn(
         updates: optax.Updates,
-        state: ScaleByLoraMuonState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByLoraMuonState]:
         del extra_args
+        state = cast(ScaleByLoraMuonState, state)
         pairs = _resolve(updates, "update")
         grads, treedef = jax.tree_util.tree_flatten(updates)
         if not grads:
-            return updates, state._replace(count=optax.safe_increment(state.count))
+            return updates, state._replace(count=_increment(state.count))
         if params is None:
             raise _no_params_error("scale_by_lora_muon")
         factors = treedef.flatten_up_to(params)
         mus = treedef.flatten_up_to(state.mu)
         beta = _f32(momentum)
-        new_mu = [beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32) for m, g in zip(mus, grads)]
+        new_mu = [
+            beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32)
+            for m, g in zip(mus, grads, strict=True)
+        ]
         if nesterov:
-            mu_hat = [beta * m + (1.0 - beta) * g.astype(_F32) for m, g in zip(new_mu, grads)]
+            mu_hat = [
+                beta * m + (1.0 - beta) * g.astype(_F32) for m, g in zip(new_mu, grads, strict=True)
+            ]
         else:
             mu_hat = new_mu
 
@@ -170,15 +180,19 @@ def scale_by_lora_muon(
 
         directions = _direction.lora_muon_directions([math_inputs(p) for p in pairs], method)
         out: list[Any] = list(grads)
-        for p, (u_a, u_b) in zip(pairs, directions):
+        for p, (u_a, u_b) in zip(pairs, directions, strict=True):
             half = 0.5 / _pair_scale(lora_scale, p.name)
-            out[p.a_index] = (_pairs.from_math_layout(u_a, p, "a") * half).astype(grads[p.a_index].dtype)
-            out[p.b_index] = (_pairs.from_math_layout(u_b, p, "b") * half).astype(grads[p.b_index].dtype)
-        new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus)]
+            out[p.a_index] = (_pairs.from_math_layout(u_a, p, "a") * half).astype(
+                grads[p.a_index].dtype
+            )
+            out[p.b_index] = (_pairs.from_math_layout(u_b, p, "b") * half).astype(
+                grads[p.b_index].dtype
+            )
+        new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]
         return (
             jax.tree_util.tree_unflatten(treedef, out),
             ScaleByLoraMuonState(
-                count=optax.safe_increment(state.count),
+                count=_increment(state.count),
                 mu=jax.tree_util.tree_unflatten(treedef, new_mu_cast),
             ),
         )
@@ -212,13 +226,14 @@ def scale_by_split_weight_decay(
 
     def update_fn(
         updates: optax.Updates,
-        state: ScaleBySplitWeightDecayState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleBySplitWeightDecayState]:
         del extra_args
+        state = cast(ScaleBySplitWeightDecayState, state)
         if not jax.tree_util.tree_leaves(updates):
-            return updates, ScaleBySplitWeightDecayState(optax.safe_increment(state.count))
+            return updates, ScaleBySplitWeightDecayState(_increment(state.count))
         if params is None:
             raise _no_params_error("scale_by_split_weight_decay")
         lr = _f32(learning_rate(state.count) if callable(learning_rate) else learning_rate)
@@ -231,7 +246,7 @@ def scale_by_split_weight_decay(
             return (step_coeff * d.astype(_F32) + decay_coeff * p.astype(_F32)).astype(d.dtype)
 
         new_updates = jax.tree.map(leaf, updates, params)
-        return new_updates, ScaleBySplitWeightDecayState(optax.safe_increment(state.count))
+        return new_updates, ScaleBySplitWeightDecayState(_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -368,15 +383,15 @@ def lora_muon(
     )
     if fallback is None:
         fallback = optax.adamw(
-            learning_rate=learning_rate if fallback_learning_rate is None else fallback_learning_rate,
+            learning_rate=learning_rate
+            if fallback_learning_rate is None
+            else fallback_learning_rate,
             weight_decay=fallback_weight_decay,
             mu_dtype=mu_dtype,
         )
 
     def labels(params: optax.Params) -> Any:
-        return _pairs.lora_param_labels(
-            params, pair_rule=rule, dimension_numbers=dimension_numbers
-        )
+        return _pairs.lora_param_labels(params, pair_rule=rule, dimension_numbers=dimension_numbers)
 
     return optax.partition(
         {"lora": factor_tx, "fallback": _with_standard_promotion(fallback)}, labels

@@ -153,7 +153,9 @@ def _resolve_dims(
     dims = arg(name, a_shape, b_shape) if callable(arg) else arg
     dims = dims if dims is not None else LoraDimensionNumbers()
     if not isinstance(dims, LoraDimensionNumbers):
-        raise TypeError(f"pair {name}: dimension numbers must be LoraDimensionNumbers, got {dims!r}")
+        raise TypeError(
+            f"pair {name}: dimension numbers must be LoraDimensionNumbers, got {dims!r}"
+        )
     nb = dims.num_batch_axes
     if nb is None:
         nb = _infer_num_batch_axes(a_shape, b_shape, dims)
@@ -194,7 +196,9 @@ class _Resolved(NamedTuple):
 
 
 def resolve_pairs(
-    tree: Any, pair_rule: PairRule = default_pair_rule, dimension_numbers: DimensionNumbersArg = None
+    tree: Any,
+    pair_rule: PairRule = default_pair_rule,
+    dimension_numbers: DimensionNumbersArg = None,
 ) -> _Resolved:
     """Pairs and unpaired leaves of ``tree``; raises on lone or malformed factors."""
     leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -220,7 +224,7 @@ def resolve_pairs(
     for group, slot in groups.items():
         name = _group_name(group)
         if set(slot) != {"a", "b"}:
-            (role, (index, keystr)), = slot.items()
+            ((role, (index, keystr)),) = slot.items()
             shape, _ = _shape_dtype(leaves_with_path[index][1])
             other = "lora_b" if role == "a" else "lora_a"
             raise ValueError(

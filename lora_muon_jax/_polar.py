@@ -128,9 +128,7 @@ def _eye_like(p: jax.Array) -> jax.Array:
 
 def gram(x: jax.Array) -> jax.Array:
     """Return ``xᵀx`` over the last two axes, (..., m, r) -> (..., r, r), in float32."""
-    return jnp.einsum(
-        "...mr,...ms->...rs", x, x, precision=_HIGHEST, preferred_element_type=_F32
-    )
+    return jnp.einsum("...mr,...ms->...rs", x, x, precision=_HIGHEST, preferred_element_type=_F32)
 
 
 def scaled_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
