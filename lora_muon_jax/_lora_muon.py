@@ -236,7 +236,12 @@ def scale_by_split_weight_decay(
             return updates, ScaleBySplitWeightDecayState(_increment(state.count))
         if params is None:
             raise _no_params_error("scale_by_split_weight_decay")
-        lr = _f32(learning_rate(state.count) if callable(learning_rate) else learning_rate)
+        if callable(learning_rate):
+            # optax's schedules are not written for strict dtype promotion.
+            with jax.numpy_dtype_promotion("standard"):
+                lr = _f32(learning_rate(state.count))
+        else:
+            lr = _f32(learning_rate)
         decay_fraction = jnp.clip(_f32(weight_decay) * lr, 0.0, _MAX_DECAY_FRACTION)
         s = jnp.sqrt(1.0 - decay_fraction)
         step_coeff = -lr / s

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +71,25 @@ def _eigh32_inv_sqrt(p32: np.ndarray) -> np.ndarray:
     return np.asarray(root, np.float64)
 
 
-def _check_gram_against_eigh(p32: np.ndarray) -> None:
-    want = ref.inv_sqrt(p32)
-    got = _INV_SQRT["gram"](jnp.asarray(p32, jnp.float32))
-    assert got.dtype == jnp.float32
-    err = _rel(got, want)
-    err_eigh = _rel(_eigh32_inv_sqrt(p32), want)
+def _check_gram_against_eigh(mats: list[np.ndarray]) -> None:
+    """Gram-method error on each matrix vs float32 eigh's error on the same matrices.
+
+    The yardstick is the median of eigh's errors over ``mats`` (all drawn with the
+    same spectrum), not eigh's error on each matrix alone: for small r, float32
+    eigh's error varies ~10× with the eigenvector orientation (measured over 40
+    matrices at r = 8, κ = 1e4: 1.6e-5 … 3.4e-4, median 7e-5, while the gram
+    method's median was 4.3e-5), so a per-matrix ratio fails whenever eigh is lucky.
+    """
+    wants = [ref.inv_sqrt(p) for p in mats]
+    err_eigh = float(
+        np.median([_rel(_eigh32_inv_sqrt(p), w) for p, w in zip(mats, wants, strict=True)])
+    )
     bound = max(EIGH_FACTOR * err_eigh, EIGH_FLOOR)
-    assert err <= bound, f"{err=:.2e} {err_eigh=:.2e} {bound=:.2e}"
+    for p32, want in zip(mats, wants, strict=True):
+        got = _INV_SQRT["gram"](jnp.asarray(p32, jnp.float32))
+        assert got.dtype == jnp.float32
+        err = _rel(got, want)
+        assert err <= bound, f"{err=:.2e} median {err_eigh=:.2e} {bound=:.2e}"
 
 
 def _paper_residual(p32: np.ndarray) -> float:
@@ -94,8 +106,7 @@ def _paper_residual(p32: np.ndarray) -> float:
 @pytest.mark.parametrize("kappa", [1.0, 10.0, 1e2, 1e4])
 def test_gram_inverse_sqrt_matches_eigh(kappa: float, r: int) -> None:
     rng = np.random.default_rng(100 + r)
-    for _ in range(3):
-        _check_gram_against_eigh(_random_spd(rng, r, kappa))
+    _check_gram_against_eigh([_random_spd(rng, r, kappa) for _ in range(5)])
 
 
 @pytest.mark.parametrize("r", [8, 16, 64])
@@ -103,8 +114,7 @@ def test_gram_inverse_sqrt_matches_eigh(kappa: float, r: int) -> None:
 def test_gram_inverse_sqrt_documented_range(kappa: float, r: int) -> None:
     # `inverse_sqrt`'s docstring: "as accurate as float32 eigh for κ(P) up to ~1e6".
     rng = np.random.default_rng(200 + r)
-    for _ in range(3):
-        _check_gram_against_eigh(_random_spd(rng, r, kappa))
+    _check_gram_against_eigh([_random_spd(rng, r, kappa) for _ in range(5)])
 
 
 @pytest.mark.parametrize("kappa", [1.0, 10.0, 1e2, 1e3, 1e4])
@@ -147,8 +157,8 @@ def test_inverse_sqrt_batched_equals_per_slice(method: str) -> None:
     np.testing.assert_array_equal(got[1, 1], np.zeros((8, 8), np.float32))
     want = ref.inv_sqrt(batch[0, 1])
     if method == "gram":
-        bound = max(EIGH_FACTOR * _rel(_eigh32_inv_sqrt(batch[0, 1]), want), EIGH_FLOOR)
-        assert _rel(got[0, 1], want) <= bound
+        err_eigh = _rel(_eigh32_inv_sqrt(batch[0, 1]), want)
+        assert _rel(got[0, 1], want) <= max(EIGH_FACTOR * err_eigh, EIGH_FLOOR)
     else:
         r, p = np.asarray(got[0, 1], np.float64), np.asarray(batch[0, 1], np.float64)
         residual = np.linalg.norm(r @ p @ r - np.eye(8), 2)
@@ -166,7 +176,8 @@ def test_inverse_sqrt_extreme_scales(method: str, scale: float) -> None:
     got = _INV_SQRT[method](jnp.asarray(p32, jnp.float32))
     assert bool(jnp.all(jnp.isfinite(got)))
     if method == "gram":
-        _check_gram_against_eigh(p32)
+        # The eigh yardstick: this matrix and four more with the same spectrum and scale.
+        _check_gram_against_eigh([p32, *(_random_spd(rng, 8, 1e2, scale) for _ in range(4))])
     else:
         res = _paper_residual(p32)
         assert res <= PUBLISHED_FACTOR * PAPER_PUBLISHED_RESIDUAL[1e2], f"{res=:.2e}"
@@ -272,9 +283,7 @@ def _load_derivation_tool():
     return module
 
 
-def _compose(
-    coeffs: tuple[tuple[float, float, float], ...] | list, sigma: np.ndarray
-) -> np.ndarray:
+def _compose(coeffs: Sequence[tuple[float, float, float]], sigma: np.ndarray) -> np.ndarray:
     for a, b, c in coeffs:
         sigma = a * sigma + b * sigma**3 + c * sigma**5
     return sigma
