@@ -31,7 +31,7 @@ Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +54,16 @@ METHODS: dict[str, str] = {
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# (a, b, mu_a, mu_b) in the math layout: (N, m, r), (N, n, r), (N, m, r), (N, n, r).
-FactorPair = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+class FactorPair(NamedTuple):
+    """One pair in a 3-axis view: (N, m, r) — or (N, r, m) when ``*_rank_first``."""
+
+    a: jax.Array
+    b: jax.Array
+    mu_a: jax.Array  # same shape and orientation as a
+    mu_b: jax.Array  # same shape and orientation as b
+    a_rank_first: bool = False
+    b_rank_first: bool = False
 
 
 def check_method(method: str) -> None:
@@ -68,6 +76,11 @@ def check_method(method: str) -> None:
 
 def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.matmul(x, y, precision=_HIGHEST)
+
+
+def _times(x: jax.Array, k: jax.Array, rank_first: bool) -> jax.Array:
+    """``x @ k`` in the math layout: ``x k`` for (N, m, r), ``kᵀ x`` for (N, r, m)."""
+    return _mm(_polar._mT(k), x) if rank_first else _mm(x, k)
 
 
 def _batched_inverse_sqrt(
@@ -96,10 +109,12 @@ def _max_diag(g: jax.Array) -> jax.Array:
 
 def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
     # Tall products 1-4 per pair: S_A, S_B, P_A, P_B (each c² · G, c >= 1).
-    factor_grams = [(_polar.scaled_gram(a), _polar.scaled_gram(b)) for a, b, _, _ in pairs]
-    momentum_grams = [
-        (_polar.scaled_gram(mu_a), _polar.scaled_gram(mu_b)) for _, _, mu_a, mu_b in pairs
-    ]
+    grams = _polar.scaled_grams(
+        [x for p in pairs for x in (p.a, p.b, p.mu_a, p.mu_b)],
+        [rf for p in pairs for rf in (p.a_rank_first, p.b_rank_first) * 2],
+    )
+    factor_grams = [(grams[4 * i], grams[4 * i + 1]) for i in range(len(pairs))]
+    momentum_grams = [(grams[4 * i + 2], grams[4 * i + 3]) for i in range(len(pairs))]
     # Chain 1: S_A^{-1/2}, S_B^{-1/2} for every pair ≈ scale · X / c; pseudo-inverse
     # roots, so a rank-deficient factor's null directions get 0, not ε^{-1/2}
     # (R appears twice in K: rounding noise there would be amplified ~ε^{-3/2}).
@@ -115,37 +130,51 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
     roots_q = _batched_inverse_sqrt(inner, "gram")
 
     out = []
-    for i, (_, _, mu_a, mu_b) in enumerate(pairs):
+    for i, p in enumerate(pairs):
         (_, c_sa), (_, c_sb) = factor_grams[i]
         (g_pa, c_pa), (g_pb, c_pb) = momentum_grams[i]
         (x_sa, t_sa), (x_sb, t_sb) = roots_s[2 * i], roots_s[2 * i + 1]
         (x_qa, t_qa), (x_qb, t_qb) = roots_q[2 * i], roots_q[2 * i + 1]
         directions = []
         # U_A = M_A K_A, K_A = R_B Q_A^{-1/2} R_B = (t_SB/c_SB) (t_QA/√d_PA) X_SB X_QA X_SB
-        for mu, g_p, c_p, x_s, t_s, c_s, x_q, t_q in (
-            (mu_a, g_pa, c_pa, x_sb, t_sb, c_sb, x_qa, t_qa),
-            (mu_b, g_pb, c_pb, x_sa, t_sa, c_sa, x_qb, t_qb),
+        for mu, rank_first, g_p, c_p, x_s, t_s, c_s, x_q, t_q in (
+            (p.mu_a, p.a_rank_first, g_pa, c_pa, x_sb, t_sb, c_sb, x_qa, t_qa),
+            (p.mu_b, p.b_rank_first, g_pb, c_pb, x_sa, t_sa, c_sa, x_qb, t_qb),
         ):
             d = _max_diag(g_p)
             inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0) / c_p
             k_hat = _mm(x_s, _mm(x_q, x_s)) * (t_q * inv_sqrt_d)[..., None, None]
             scale = (t_s / c_s)[..., None, None]
-            directions.append(_mm(mu.astype(_F32), k_hat) * scale)
+            directions.append(_times(mu.astype(_F32), k_hat, rank_first) * scale)
         out.append((directions[0], directions[1]))
     return out
 
 
 def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
-    factor_grams = [(_polar.scaled_gram(a), _polar.scaled_gram(b)) for a, b, _, _ in pairs]
+    grams = _polar.scaled_grams(
+        [x for p in pairs for x in (p.a, p.b)],
+        [rf for p in pairs for rf in (p.a_rank_first, p.b_rank_first)],
+    )
+    factor_grams = [(grams[2 * i], grams[2 * i + 1]) for i in range(len(pairs))]
     roots = _batched_inverse_sqrt([g for fg in factor_grams for g, _ in fg], "paper")
     out = []
-    for i, (_, _, mu_a, mu_b) in enumerate(pairs):
+    for i, p in enumerate(pairs):
         (_, c_sa), (_, c_sb) = factor_grams[i]
         (x_sa, t_sa), (x_sb, t_sb) = roots[2 * i], roots[2 * i + 1]
+        directions = []
         # msign(M R) R with R = (t/c) X: msign is scale invariant, so use X.
-        u_a = _mm(_polar.matrix_sign(_mm(mu_a.astype(_F32), x_sb)), x_sb)
-        u_b = _mm(_polar.matrix_sign(_mm(mu_b.astype(_F32), x_sa)), x_sa)
-        out.append((u_a * (t_sb / c_sb)[..., None, None], u_b * (t_sa / c_sa)[..., None, None]))
+        # Rank-first (N, r, m) views hold Mᵀ: (msign(M R) R)ᵀ = R msign(R Mᵀ).
+        for mu, rank_first, x_s, t_s, c_s in (
+            (p.mu_a, p.a_rank_first, x_sb, t_sb, c_sb),
+            (p.mu_b, p.b_rank_first, x_sa, t_sa, c_sa),
+        ):
+            mu = mu.astype(_F32)
+            if rank_first:
+                u = _mm(x_s, _polar.matrix_sign(_mm(x_s, mu)))
+            else:
+                u = _mm(_polar.matrix_sign(_mm(mu, x_s)), x_s)
+            directions.append(u * (t_s / c_s)[..., None, None])
+        out.append((directions[0], directions[1]))
     return out
 
 
@@ -158,12 +187,13 @@ def lora_muon_directions(
     """Unit LoRA-Muon directions for many pairs, r×r work batched across pairs.
 
     Args:
-      pairs: ``(a, b, mu_a, mu_b)`` per pair in the math layout with one
-        leading batch axis: ``(N, m, r), (N, n, r), (N, m, r), (N, n, r)``.
+      pairs: ``FactorPair`` per pair: 3-axis views with one leading batch
+        axis, ``(N, m, r)`` or, with ``*_rank_first``, ``(N, r, m)`` (flax's
+        ``lora_b (r, out)`` needs no transpose).
       method: ``"gram"`` or ``"paper"``.
 
     Returns:
-      ``(U_A, U_B)`` per pair, float32, shapes of ``mu_a`` and ``mu_b``.
+      ``(U_A, U_B)`` per pair, float32, in the views' shapes and orientations.
     """
     check_method(method)
     return _DIRECTION_FNS[method](pairs)
@@ -218,5 +248,5 @@ def lora_muon_direction(
         )
     batch = a.shape[:-2]
     flat = [x.reshape((-1, *x.shape[-2:])) for x in (a, b, mu_a, mu_b)]
-    ((u_a, u_b),) = lora_muon_directions([(flat[0], flat[1], flat[2], flat[3])], method)
+    ((u_a, u_b),) = lora_muon_directions([FactorPair(flat[0], flat[1], flat[2], flat[3])], method)
     return u_a.reshape((*batch, *a.shape[-2:])), u_b.reshape((*batch, *b.shape[-2:]))

@@ -168,26 +168,20 @@ def scale_by_lora_muon(
         else:
             mu_hat = new_mu
 
-        def math_inputs(p: _pairs.LoraPair) -> _direction.FactorPair:
-            a, b = factors[p.a_index], factors[p.b_index]
-            ma, mb = mu_hat[p.a_index], mu_hat[p.b_index]
-            return (
-                _pairs.to_math_layout(a, p, "a"),
-                _pairs.to_math_layout(b, p, "b"),
-                _pairs.to_math_layout(ma, p, "a"),
-                _pairs.to_math_layout(mb, p, "b"),
-            )
+        def views(p: _pairs.LoraPair) -> _direction.FactorPair:
+            a, a_rank_first = _pairs.to_matrix_view(factors[p.a_index], p, "a")
+            b, b_rank_first = _pairs.to_matrix_view(factors[p.b_index], p, "b")
+            mu_a, _ = _pairs.to_matrix_view(mu_hat[p.a_index], p, "a")
+            mu_b, _ = _pairs.to_matrix_view(mu_hat[p.b_index], p, "b")
+            return _direction.FactorPair(a, b, mu_a, mu_b, a_rank_first, b_rank_first)
 
-        directions = _direction.lora_muon_directions([math_inputs(p) for p in pairs], method)
+        directions = _direction.lora_muon_directions([views(p) for p in pairs], method)
         out: list[Any] = list(grads)
         for p, (u_a, u_b) in zip(pairs, directions, strict=True):
             half = 0.5 / _pair_scale(lora_scale, p.name)
-            out[p.a_index] = (_pairs.from_math_layout(u_a, p, "a") * half).astype(
-                grads[p.a_index].dtype
-            )
-            out[p.b_index] = (_pairs.from_math_layout(u_b, p, "b") * half).astype(
-                grads[p.b_index].dtype
-            )
+            for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
+                u = _pairs.from_matrix_view(u * half, p, role)  # type: ignore[arg-type]
+                out[index] = u.astype(grads[index].dtype)
         new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]
         return (
             jax.tree_util.tree_unflatten(treedef, out),

@@ -292,23 +292,52 @@ def lora_param_labels(
     return jax.tree_util.tree_unflatten(treedef, labels)
 
 
+def _rank_axis(pair: LoraPair, role: Role, ndim: int) -> int:
+    nb = pair.dims.num_batch_axes or 0
+    axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
+    return nb + (axis % (ndim - nb))
+
+
+def to_matrix_view(x: jax.Array, pair: LoraPair, role: Role) -> tuple[jax.Array, bool]:
+    """A 3-axis view of a factor without moving data when possible.
+
+    Returns ``(view, rank_first)``: ``(N, m, r)`` when the rank axis is the
+    factor's last axis (flax ``lora_a``), ``(N, r, n)`` with ``rank_first``
+    when it is the first non-batch axis (flax ``lora_b``); any other rank
+    position is moved last (a transpose). ``N = prod(batch axes)``.
+    """
+    nb = pair.dims.num_batch_axes or 0
+    rank_axis = _rank_axis(pair, role, x.ndim)
+    batch = math.prod(x.shape[:nb])
+    r = x.shape[rank_axis]
+    if rank_axis == x.ndim - 1:
+        return x.reshape((batch, -1, r)), False
+    if rank_axis == nb:
+        return x.reshape((batch, r, -1)), True
+    return jnp.moveaxis(x, rank_axis, -1).reshape((batch, -1, r)), False
+
+
+def from_matrix_view(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+    """Inverse of ``to_matrix_view`` (for an array in the view's shape)."""
+    shape = pair.a_shape if role == "a" else pair.b_shape
+    rank_axis = _rank_axis(pair, role, len(shape))
+    if rank_axis == len(shape) - 1 or rank_axis == (pair.dims.num_batch_axes or 0):
+        return y.reshape(shape)
+    moved = list(shape)
+    r = moved.pop(rank_axis)
+    return jnp.moveaxis(y.reshape((*moved, r)), -1, rank_axis)
+
+
 def to_math_layout(x: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
     """``lora_a`` -> ``A`` as (N, m, r); ``lora_b`` -> ``B`` as (N, n, r); N = prod(batch)."""
-    nb = pair.dims.num_batch_axes or 0
-    rank_axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
-    rank_axis = nb + (rank_axis % (x.ndim - nb))
-    x = jnp.moveaxis(x, rank_axis, -1)
-    batch = math.prod(x.shape[:nb])
-    return x.reshape((batch, -1, x.shape[-1]))
+    view, rank_first = to_matrix_view(x, pair, role)
+    return jnp.swapaxes(view, -1, -2) if rank_first else view
 
 
 def from_math_layout(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
     """Inverse of ``to_math_layout``."""
     shape = pair.a_shape if role == "a" else pair.b_shape
-    nb = pair.dims.num_batch_axes or 0
-    rank_axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
-    rank_axis = nb + (rank_axis % (len(shape) - nb))
-    moved = list(shape)
-    r = moved.pop(rank_axis)
-    y = y.reshape((*moved, r))
-    return jnp.moveaxis(y, -1, rank_axis)
+    rank_axis = _rank_axis(pair, role, len(shape))
+    if rank_axis == (pair.dims.num_batch_axes or 0) and rank_axis != len(shape) - 1:
+        return from_matrix_view(jnp.swapaxes(y, -1, -2), pair, role)
+    return from_matrix_view(y, pair, role)

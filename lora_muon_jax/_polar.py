@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -126,38 +127,54 @@ def _eye_like(p: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), p.shape)
 
 
-def gram(x: jax.Array) -> jax.Array:
-    """Return ``xᵀx`` over the last two axes, (..., m, r) -> (..., r, r), in float32."""
-    return jnp.einsum("...mr,...ms->...rs", x, x, precision=_HIGHEST, preferred_element_type=_F32)
+def gram(x: jax.Array, *, rank_first: bool = False) -> jax.Array:
+    """The r×r Gram in float32: ``xᵀx`` of (..., m, r), or ``x xᵀ`` of (..., r, m)."""
+    spec = "...rm,...sm->...rs" if rank_first else "...mr,...ms->...rs"
+    return jnp.einsum(spec, x, x, precision=_HIGHEST, preferred_element_type=_F32)
 
 
-def scaled_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Overflow-safe Gram: ``xᵀx = c² · G`` with G finite, c >= 1 of shape (...).
+def scaled_grams(
+    xs: Sequence[jax.Array], rank_first: Sequence[bool]
+) -> list[tuple[jax.Array, jax.Array]]:
+    """Overflow-safe Grams: ``Gram(x) = c² · G`` with G finite and c >= 1 of shape (...).
 
-    The plain float32 Gram is used (c = 1) unless some Gram in the batch is not
-    finite (factor entries beyond ~1e19); then, inside a ``lax.cond``, every
-    matrix of the batch is recomputed from ``x / max|x|``.
+    Plain float32 Grams (c = 1) unless one of them is not finite (factor
+    entries beyond ~1e19); then, inside one ``lax.cond`` for the whole list,
+    every Gram is recomputed from ``x / max|x|``.
     """
-    g = gram(x)
-    ones = jnp.ones(g.shape[:-2], _F32)
+    grams = [gram(x, rank_first=rf) for x, rf in zip(xs, rank_first, strict=True)]
+    ones = [jnp.ones(g.shape[:-2], _F32) for g in grams]
+    all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grams]))
 
-    def _rescaled(_: jax.Array) -> tuple[jax.Array, jax.Array]:
-        c = jnp.max(jnp.abs(x.astype(_F32)), axis=(-2, -1))
-        c = jnp.where(c >= 1.0, c, 1.0)
-        return gram(x / c[..., None, None].astype(x.dtype)), c
+    def _rescaled(_: None) -> tuple[list[jax.Array], list[jax.Array]]:
+        out_g, out_c = [], []
+        for x, rf in zip(xs, rank_first, strict=True):
+            c = jnp.max(jnp.abs(x.astype(_F32)), axis=(-2, -1))
+            c = jnp.where(c >= 1.0, c, 1.0)
+            out_g.append(gram(x / c[..., None, None].astype(x.dtype), rank_first=rf))
+            out_c.append(c)
+        return out_g, out_c
 
-    return jax.lax.cond(jnp.all(jnp.isfinite(g)), lambda _: (g, ones), _rescaled, None)
+    grams, scales = jax.lax.cond(all_finite, lambda _: (grams, ones), _rescaled, None)
+    return list(zip(grams, scales, strict=True))
+
+
+def _coeff_table(coeffs: tuple[tuple[float, float, float], ...]) -> jax.Array:
+    return jnp.asarray(coeffs, dtype=_F32)
 
 
 def _paper_iteration(p0: jax.Array) -> jax.Array:
     """Paper Table 2: ``W = (a/γ)I + (b/γ³)P + (c/γ⁵)P²; X ← XW; P ← sym(P W²)``."""
     eye = _eye_like(p0)
-    x, pk = eye, p0
     g = PAPER_INV_SQRT_GAMMA
-    for a, b, c in PAPER_INV_SQRT_COEFFS:
-        w = (a / g) * eye + (b / g**3) * pk + (c / g**5) * _mm(pk, pk)
-        x = _mm(x, w)
-        pk = _sym(_mm(pk, _mm(w, w)))
+    table = _coeff_table(PAPER_INV_SQRT_COEFFS) / jnp.asarray([[g, g**3, g**5]], _F32)
+
+    def body(carry: tuple[jax.Array, jax.Array], abc: jax.Array):
+        x, pk = carry
+        w = abc[0] * eye + abc[1] * pk + abc[2] * _mm(pk, pk)
+        return (_mm(x, w), _sym(_mm(pk, _mm(w, w)))), None
+
+    (x, _), _ = jax.lax.scan(body, (eye, p0), table)
     return _sym(x)
 
 
@@ -169,11 +186,14 @@ def _yz_iteration(p0: jax.Array) -> tuple[jax.Array, jax.Array]:
     residual ``Σ|Z Y − I| / r`` per matrix.
     """
     eye = _eye_like(p0)
-    y, z = p0, eye
-    for a, b, c in GRAM_INV_SQRT_COEFFS:
+
+    def body(carry: tuple[jax.Array, jax.Array], abc: jax.Array):
+        y, z = carry
         m = _mm(z, y)
-        w = a * eye + b * m + c * _mm(m, m)
-        y, z = _mm(y, w), _mm(w, z)
+        w = abc[0] * eye + abc[1] * m + abc[2] * _mm(m, m)
+        return (_mm(y, w), _mm(w, z)), None
+
+    (y, z), _ = jax.lax.scan(body, (p0, eye), _coeff_table(GRAM_INV_SQRT_COEFFS))
     # A sum (not a max: XLA's max-reduce can drop NaN) so a NaN fails the check.
     residual = jnp.sum(jnp.abs(_mm(z, y) - eye), axis=(-2, -1)) / p0.shape[-1]
     return _sym(z), residual
@@ -182,9 +202,12 @@ def _yz_iteration(p0: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _symmetric_sign(y: jax.Array) -> jax.Array:
     """sign(Y) of a symmetric Y with eigenvalues in [-1, 1.01]: ``Y ← Y (a + b Y² + c Y⁴)``."""
     eye = _eye_like(y)
-    for a, b, c in GRAM_SIGN_COEFFS:
+
+    def body(y: jax.Array, abc: jax.Array):
         y2 = _mm(y, y)
-        y = _sym(_mm(y, a * eye + b * y2 + c * _mm(y2, y2)))
+        return _sym(_mm(y, abc[0] * eye + abc[1] * y2 + abc[2] * _mm(y2, y2))), None
+
+    y, _ = jax.lax.scan(body, y, _coeff_table(GRAM_SIGN_COEFFS))
     return y
 
 
@@ -304,7 +327,10 @@ def matrix_sign(
     x = x / jnp.where(amax > 0, amax, 1.0)  # the norm below cannot overflow
     norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
     x = x / jnp.where(norm > 0, norm, 1.0)
-    for a, b, c in coeffs:
+
+    def body(x: jax.Array, abc: jax.Array):
         u = _mm(x, _mT(x))
-        x = a * x + _mm(b * u + c * _mm(u, u), x)
+        return abc[0] * x + _mm(abc[1] * u + abc[2] * _mm(u, u), x), None
+
+    x, _ = jax.lax.scan(body, x, _coeff_table(coeffs))
     return _mT(x) if transpose else x

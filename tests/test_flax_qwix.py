@@ -60,7 +60,7 @@ def _randomize_lora(model, seed: int, scale: float) -> None:
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     new = [
         scale * jax.random.normal(k, v.shape, v.dtype) / np.sqrt(v.shape[-1])
-        for k, v in zip(keys, leaves)
+        for k, v in zip(keys, leaves, strict=True)
     ]
     nnx.update(model, jax.tree.unflatten(treedef, new))
 
