@@ -21,8 +21,6 @@ Reference: Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest
 Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 """
 
-from __future__ import annotations
-
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -253,7 +251,7 @@ def scale_by_split_weight_decay(
 def _with_standard_promotion(
     tx: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
-    """Trace ``tx`` under standard dtype promotion.
+    """Trace ``tx`` under standard dtype promotion; updates keep the gradients' dtypes.
 
     optax's own transforms (e.g. ``adamw``'s bias correction ``b1 ** count``
     with an int32 count) are not written for ``jax_numpy_dtype_promotion=
@@ -267,7 +265,10 @@ def _with_standard_promotion(
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
         with jax.numpy_dtype_promotion("standard"):
-            return tx.update(updates, state, params, **extra_args)
+            new_updates, new_state = tx.update(updates, state, params, **extra_args)
+        # e.g. adamw with mu_dtype=float32 returns float32 updates for bf16 grads.
+        new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
