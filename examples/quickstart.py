@@ -48,7 +48,12 @@ params = {
 }
 imbalanced = {"lora_a": params["lora_a"] * 1e3, "lora_b": params["lora_b"] * 1e-3}
 schedule = optax.cosine_decay_schedule(0.5, 300)  # η: spectral radius of the step on W
-for name, opt in [("lora_muon", lora_muon(schedule, weight_decay=0.0)), ("adamw", optax.adamw(1e-2))]:
+for name, opt in [
+    ("lora_muon", lora_muon(schedule, weight_decay=0.0)),
+    ("adamw", optax.adamw(1e-2)),
+]:
     base, scaled = train(opt, params), train(opt, imbalanced)
-    print(f"{name:10s} loss at steps 0/50/300: {base[0]:.3e} {base[50]:.3e} {base[-1]:.3e}"
-          f" | factors rescaled A*1e3, B*1e-3: {scaled[0]:.3e} {scaled[50]:.3e} {scaled[-1]:.3e}")
+    print(
+        f"{name:10s} loss at steps 0/50/300: {base[0]:.3e} {base[50]:.3e} {base[-1]:.3e}"
+        f" | factors rescaled A*1e3, B*1e-3: {scaled[0]:.3e} {scaled[50]:.3e} {scaled[-1]:.3e}"
+    )

@@ -142,8 +142,9 @@ def test_masked_holes_and_placeholders() -> None:
     both_masked = {"lora_a": optax.MaskedNode(), "lora_b": optax.MaskedNode(), "w": _z(3)}
     assert find_lora_pairs(both_masked) == []
     assert find_lora_pairs({}) == []
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {
-        "lora_a": _z(8, 2), "lora_b": _z(2, 6)})
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"lora_a": _z(8, 2), "lora_b": _z(2, 6)}
+    )
     assert len(find_lora_pairs(abstract)) == 1
 
 
@@ -151,8 +152,10 @@ def test_errors_name_path_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"\['layer'\]\['lora_a'\].*\(8, 2\).*lora_b"):
         find_lora_pairs({"layer": {"lora_a": _z(8, 2)}})
     with pytest.raises(ValueError, match=r"mismatched ranks.*\(8, 2\).*\(3, 6\)"):
-        find_lora_pairs({"layer": {"lora_a": _z(8, 2), "lora_b": _z(3, 6)}},
-                        dimension_numbers=LoraDimensionNumbers(num_batch_axes=0))
+        find_lora_pairs(
+            {"layer": {"lora_a": _z(8, 2), "lora_b": _z(3, 6)}},
+            dimension_numbers=LoraDimensionNumbers(num_batch_axes=0),
+        )
     with pytest.raises(ValueError, match=r"\(8, 2\).*\(3, 6\)"):
         find_lora_pairs({"layer": {"lora_a": _z(8, 2), "lora_b": _z(3, 6)}})
     with pytest.raises(TypeError, match=r"\['layer'\]\['lora_a'\].*int32"):
@@ -164,7 +167,7 @@ def test_errors_name_path_and_shapes() -> None:
 def test_custom_pair_rule() -> None:
     tree = {"down": _z(8, 2), "up": _z(2, 6), "other": _z(3)}
 
-    def rule(path: tuple[str, ...]):  # noqa: ANN202
+    def rule(path: tuple[str, ...]):
         return {"down": ("adapter", "a"), "up": ("adapter", "b")}.get(path[-1])
 
     (pair,) = find_lora_pairs(tree, pair_rule=rule)

@@ -20,7 +20,7 @@ def _python_blocks() -> list[str]:
 
 def test_optax_quickstart_trains() -> None:
     namespace: dict = {}
-    exec(_python_blocks()[0], namespace)  # noqa: S102
+    exec(_python_blocks()[0], namespace)
     params, state, step = namespace["params"], namespace["state"], namespace["step"]
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (64, 512))
@@ -37,8 +37,12 @@ def test_nnx_quickstart_trains_only_factors() -> None:
     from flax import nnx
 
     namespace: dict = {}
-    exec(_python_blocks()[1], namespace)  # noqa: S102
-    model, optimizer, train_step = namespace["model"], namespace["optimizer"], namespace["train_step"]
+    exec(_python_blocks()[1], namespace)
+    model, optimizer, train_step = (
+        namespace["model"],
+        namespace["optimizer"],
+        namespace["train_step"],
+    )
     kernel_before = jnp.array(model.up.kernel[...])
     x = jax.random.normal(jax.random.key(2), (32, 64))
     y = jnp.tanh(x[:, ::-1])
@@ -49,8 +53,13 @@ def test_nnx_quickstart_trains_only_factors() -> None:
 
 
 def test_quickstart_example_runs() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
-                         capture_output=True, text=True, check=False, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
     muon = [float(v) for v in re.findall(r"\d\.\d+e[+-]\d+", lines["lora_muon"])]
