@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _direction, _pairs
+from lora_muon_jax import _direction, _pairs, _rebalance
 from lora_muon_jax._direction import Method
 from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
 
@@ -329,6 +329,7 @@ def lora_muon(
     fallback: optax.GradientTransformation | None = None,
     fallback_learning_rate: optax.ScalarOrSchedule | None = None,
     fallback_weight_decay: float | jax.Array = 0.0,
+    rebalance: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-Muon (Cesista et al., 2026): the paper's Algorithm 1 as an optax optimizer.
 
@@ -370,6 +371,10 @@ def lora_muon(
         (default: ``learning_rate``, as ``optax.contrib.muon`` does; its units
         differ — a per-entry step, not a spectral radius — so set it).
       fallback_weight_decay: AdamW weight decay for non-LoRA leaves.
+      rebalance: after each step, rescale every pair to ``(c A, B / c)`` with
+        ``‖c A‖₂ = ‖B / c‖₂`` and its momenta to ``(M_A / c, c M_B)`` (the
+        paper's Algorithm 2). W, the step and the trajectory of W are
+        unchanged (gauge invariance); off by default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -419,6 +424,10 @@ def lora_muon(
         ),
         scale_by_split_weight_decay(learning_rate, weight_decay),
     )
+    if rebalance:
+        factor_tx = _rebalance.with_gauge_rebalancing(
+            factor_tx, pair_rule=rule, dimension_numbers=dimension_numbers
+        )
     if fallback is None:
         fallback = optax.adamw(
             learning_rate=learning_rate
