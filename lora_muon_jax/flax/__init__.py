@@ -1,0 +1,20 @@
+"""Flax integration of LoRA-Muon: LoRA layers, model surgery and merging.
+
+Import explicitly (needs ``flax``; the core ``lora_muon_jax`` does not):
+
+* ``lora_muon_jax.flax.linen``: ``LoraDense``, ``LoraDenseGeneral``, ``lora_scale_fn``.
+* ``lora_muon_jax.flax.nnx``: ``LoRALinearGeneral``, ``LoRAAdapter``, ``lora_scale_fn``.
+* ``lora_muon_jax.flax.surgery``: ``lorafy`` (NNX), ``merge_lora``/``unmerge_lora`` (NNX),
+  ``lora_labels``, ``load_pretrained``, ``merge_lora_params``/``unmerge_lora_params`` (trees),
+  ``qwix_lora_scale`` (qwix rules -> the optimizer's ``lora_scale``).
+
+Workflows (NNX, Linen, qwix) with commands: ``docs/flax.md``.
+
+Every layer stores its factors as sibling ``lora_a (*in, r)`` / ``lora_b (r, *out)``, the
+layout ``lora_muon`` pairs by default, and declares its scale ``s = α/r`` through
+``lora_scale_fn`` (pass it as ``lora_muon(..., lora_scale=...)``).
+"""
+
+from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoraScaleMap
+
+__all__ = ["INIT_MODES", "InitMode", "LoraScaleMap"]

@@ -1,0 +1,424 @@
+"""Flax NNX LoRA layers: what ``nnx.LoRA``/``nnx.LoRALinear`` lack for LoRA-Muon workflows.
+
+* ``LoRALinearGeneral``: a multi-axis layer (``nnx.LinearGeneral``/einsum style:
+  ``kernel (*in, *out)``, ``lora_a (*in, r)``, ``lora_b (r, *out)``) with an
+  optional ``alpha`` (scale ``s = α/r``) and the ``init_mode="native"`` option: no
+  base kernel, both factors random, the weight *is* ``s · lora_a ⋅ lora_b``
+  (the paper's native low-rank training).
+* ``LoRAAdapter``: wraps an existing ``nnx.Linear`` or ``nnx.Einsum`` (kept as
+  ``base_module``, pretrained kernel untouched) with ``lora_a``/``lora_b``;
+  ``lora_muon_jax.flax.surgery.lorafy`` builds these.
+* ``lora_scale_fn(model)``: the ``f(pair_name) -> s`` callable that
+  ``lora_muon(..., lora_scale=...)`` takes, read off the model's modules.
+
+Factors are ``nnx.LoRAParam`` (train them with
+``nnx.Optimizer(model, lora_muon(...), wrt=nnx.LoRAParam)``); base weights are
+plain ``nnx.Param``. ``rngs`` is keyword-only, as in every NNX layer.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
+
+from lora_muon_jax.flax import _common
+from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoraScaleMap
+
+__all__ = [
+    "INIT_MODES",
+    "EinsumLoraSpec",
+    "InitMode",
+    "LoRAAdapter",
+    "LoRALinearGeneral",
+    "LoraScaleMap",
+    "einsum_lora_spec",
+    "lora_scale_fn",
+]
+
+Initializer = Callable[..., jax.Array]
+_DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
+_DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
+
+
+def _flat_init(init: Initializer, flat_shape: tuple[int, ...]) -> Initializer:
+    """Call ``init`` on a 2-D shape (fans = flattened sizes), reshape to the full shape."""
+
+    def wrapped(rng: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.reshape(init(rng, flat_shape, dtype), tuple(shape))
+
+    return wrapped
+
+
+def _sharding_metadata(names: Sequence[str | None] | None) -> dict[str, Any]:
+    return {} if names is None else {"out_sharding": tuple(names)}
+
+
+class LoRALinearGeneral(nnx.Module):
+    """``y = x ⋅ kernel + s · (x ⋅ lora_a) ⋅ lora_b + bias`` over the last ``len(in)`` axes.
+
+    ``kernel (*in, *out)`` and ``bias (*out)`` are ``nnx.Param`` (frozen by
+    training with ``wrt=nnx.LoRAParam``); ``lora_a (*in, r)`` and
+    ``lora_b (r, *out)`` are ``nnx.LoRAParam``; ``s = alpha / rank`` when
+    ``alpha`` is set, else 1.
+
+    Args:
+      in_features: input size(s): an int, or a tuple for several contracted
+        axes (the input's trailing axes), e.g. ``(heads, head_dim)``.
+      out_features: output size(s), an int or a tuple.
+      rank: r, ``1 <= r <= min(prod(in), prod(out))``.
+      alpha: α of ``s = α/r``; ``None`` (default): ``s = 1``.
+      init_mode: ``"standard"`` (``lora_b = 0``: output equals the base layer's at
+        init) or ``"native"`` (no kernel: the weight is ``s · lora_a ⋅ lora_b``,
+        both random); see ``INIT_MODES``.
+      use_bias: add a bias.
+      dtype: computation dtype (default: inferred); param_dtype: parameters' dtype.
+      precision: ``jax.lax`` precision of the contractions.
+      kernel_init, bias_init: base-weight initializers (``kernel_init`` sees
+        the flattened ``(prod(in), prod(out))`` shape).
+      lora_a_init, lora_b_init: factor initializers on the flattened
+        ``(prod(in), r)`` / ``(r, prod(out))`` shapes (default: by ``init_mode``).
+      kernel_axes: mesh axis names of the kernel's axes ``(*in, *out)``; when
+        set, the parameters get ``out_sharding`` metadata: kernel
+        ``kernel_axes``, ``lora_a`` ``(*in names, None)``, ``lora_b``
+        ``(None, *out names)``, bias the out names (rank axis unsharded).
+        NNX shards eagerly: build the layer under ``jax.set_mesh(mesh)``.
+      rngs: ``nnx.Rngs`` (keyword-only).
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        rank: int,
+        alpha: float | None = None,
+        init_mode: InitMode = "standard",
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        bias_init: Initializer = _DEFAULT_BIAS_INIT,
+        lora_a_init: Initializer | None = None,
+        lora_b_init: Initializer | None = None,
+        kernel_axes: Sequence[str | None] | None = None,
+        rngs: nnx.Rngs,
+    ):
+        in_shape, out_shape = _common.as_shape(in_features), _common.as_shape(out_features)
+        where = f"LoRALinearGeneral(in_features={in_shape}, out_features={out_shape})"
+        _common.check_init_mode(where, init_mode)
+        _common.check_float_dtype(where, "param_dtype", param_dtype)
+        _common.check_float_dtype(where, "dtype", dtype)
+        _common.check_rank(where, rank, in_shape, out_shape)
+        if kernel_axes is not None and len(kernel_axes) != len(in_shape) + len(out_shape):
+            raise ValueError(
+                f"{where}: kernel_axes={tuple(kernel_axes)} must name every kernel axis "
+                f"(*in, *out) = {in_shape + out_shape}"
+            )
+        self.in_features, self.out_features = in_shape, out_shape
+        self.rank, self.alpha, self.init_mode = rank, alpha, init_mode
+        self.lora_scale = _common.lora_scale_value(where, alpha, rank)
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.merged = False
+        in_names = out_names = None
+        if kernel_axes is not None:
+            in_names = tuple(kernel_axes[: len(in_shape)])
+            out_names = tuple(kernel_axes[len(in_shape) :])
+        m, n = math.prod(in_shape), math.prod(out_shape)
+        a_init = _flat_init(lora_a_init or _common.default_lora_a_init(init_mode, 1), (m, rank))
+        b_init = _flat_init(lora_b_init or _common.default_lora_b_init(init_mode), (rank, n))
+        self.lora_a = nnx.LoRAParam(
+            a_init(rngs.params(), (*in_shape, rank), param_dtype),
+            **_sharding_metadata(None if in_names is None else (*in_names, None)),
+        )
+        self.lora_b = nnx.LoRAParam(
+            b_init(rngs.params(), (rank, *out_shape), param_dtype),
+            **_sharding_metadata(None if out_names is None else (None, *out_names)),
+        )
+        self.kernel = nnx.data(None)
+        if init_mode == "standard":
+            self.kernel = nnx.Param(
+                _flat_init(kernel_init, (m, n))(rngs.params(), in_shape + out_shape, param_dtype),
+                **_sharding_metadata(kernel_axes),
+            )
+        self.bias = nnx.data(None)
+        if use_bias:
+            self.bias = nnx.Param(
+                _flat_init(bias_init, (n,))(rngs.params(), out_shape, param_dtype),
+                **_sharding_metadata(out_names),
+            )
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``x ⋅ kernel + s · (x ⋅ lora_a) ⋅ lora_b + bias``; skips the adapter once merged."""
+        inputs = jnp.asarray(inputs)
+        n_in = len(self.in_features)
+        if inputs.shape[inputs.ndim - n_in :] != self.in_features:
+            raise ValueError(
+                f"LoRALinearGeneral: input shape {inputs.shape} does not end with "
+                f"in_features={self.in_features}"
+            )
+        axes = tuple(range(inputs.ndim - n_in, inputs.ndim))
+        kernel = None if self.kernel is None else self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        inputs, kernel, lora_a, lora_b, bias = promote_dtype(
+            (inputs, kernel, self.lora_a[...], self.lora_b[...], bias), dtype=self.dtype
+        )
+        y: jax.Array | None = None
+        if kernel is not None:
+            y = jax.lax.dot_general(
+                inputs, kernel, ((axes, tuple(range(n_in))), ((), ())), precision=self.precision
+            )
+        if not self.merged:
+            delta = _common.lora_apply(inputs, axes, lora_a, lora_b, self.precision)
+            if self.lora_scale != 1.0:
+                delta = delta * jnp.asarray(self.lora_scale, delta.dtype)
+            y = delta if y is None else y + delta
+        assert y is not None  # a kernel exists whenever the adapter is merged
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+        return y
+
+
+# ---------------------------------------------------------------------------
+# Adapters around existing nnx.Linear / nnx.Einsum layers
+# ---------------------------------------------------------------------------
+
+
+class EinsumLoraSpec(NamedTuple):
+    """How a LoRA pair attaches to a kernel contracted by an einsum.
+
+    Kernel axes are split into *batch* axes (in the input and the output: one
+    adapter per index, leading both factors), *contracted* axes (in the input
+    only: they go to ``lora_a``) and *output* axes (in the output only: they go
+    to ``lora_b``): ``lora_a (*batch, *contracted, r)``, ``lora_b (*batch, r,
+    *output)``.
+    """
+
+    delta_equation: str  # "lhs,a,b->out": the adapter's contribution
+    kernel_equation: str  # "a,b->kernel": a ⋅ b in the kernel's axis order (for merging)
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    batch_axes: tuple[int, ...]  # kernel axes of each kind
+    contracted_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+
+
+def einsum_lora_spec(
+    einsum_str: str, kernel_shape: Sequence[int], rank: int, where: str = "einsum"
+) -> EinsumLoraSpec:
+    """The LoRA factor layout of the kernel (second operand) of ``einsum_str``.
+
+    Example: ``'btd,dnh->btnh'`` with kernel ``(d, n, h)`` gives
+    ``lora_a (d, r)``, ``lora_b (r, n, h)``; ``'btnh,nhd->btd'`` gives
+    ``lora_a (n, h, r)``, ``lora_b (r, d)``.
+
+    Raises:
+      ValueError: not two operands, an ellipsis in the kernel, a kernel axis
+        that is summed out, or a rank above ``min(prod(contracted), prod(output))``.
+    """
+    eq = einsum_str.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        raise ValueError(f"{where}: need an explicit two-operand einsum 'lhs,rhs->out', got {eq!r}")
+    operands, out = eq.split("->")
+    lhs, rhs = operands.split(",")
+    if "." in rhs or len(rhs) != len(kernel_shape):
+        raise ValueError(
+            f"{where}: kernel subscripts {rhs!r} do not match kernel shape {tuple(kernel_shape)}"
+        )
+    batch, contracted, output = [], [], []
+    for i, c in enumerate(rhs):
+        in_lhs, in_out = c in lhs, c in out
+        if in_lhs and in_out:
+            batch.append(i)
+        elif in_lhs:
+            contracted.append(i)
+        elif in_out:
+            output.append(i)
+        else:
+            raise ValueError(f"{where}: kernel axis {c!r} of {eq!r} is summed out; not supported")
+    used = set(eq)
+    r_char = next(c for c in string.ascii_letters if c not in used)
+    batch_s = "".join(rhs[i] for i in batch)
+    a_sub = batch_s + "".join(rhs[i] for i in contracted) + r_char
+    b_sub = batch_s + r_char + "".join(rhs[i] for i in output)
+    shape = tuple(kernel_shape)
+    _common.check_rank(where, rank, [shape[i] for i in contracted], [shape[i] for i in output])
+    return EinsumLoraSpec(
+        delta_equation=f"{lhs},{a_sub},{b_sub}->{out}",
+        kernel_equation=f"{a_sub},{b_sub}->{rhs}",
+        a_shape=(*(shape[i] for i in (*batch, *contracted)), rank),
+        b_shape=(*(shape[i] for i in batch), rank, *(shape[i] for i in output)),
+        batch_axes=tuple(batch),
+        contracted_axes=tuple(contracted),
+        output_axes=tuple(output),
+    )
+
+
+def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoraSpec:
+    kernel = getattr(base, "kernel", None)
+    if not isinstance(kernel, nnx.Variable):
+        raise TypeError(f"{where}: {type(base).__name__} has no kernel parameter")
+    shape = tuple(kernel.shape)
+    if isinstance(base, nnx.Einsum):
+        if base.einsum_str is None:
+            raise ValueError(f"{where}: nnx.Einsum without a constructor einsum_str")
+        return einsum_lora_spec(base.einsum_str, shape, rank, where)
+    if isinstance(base, nnx.Linear):
+        if len(shape) != 2:
+            raise ValueError(
+                f"{where}: nnx.Linear kernel of shape {shape}; stacked (nnx.vmap) layers are not "
+                "supported, build them with LoRALinearGeneral instead"
+            )
+        return einsum_lora_spec("...i,io->...o", shape, rank, where)
+    raise TypeError(f"{where}: expected nnx.Linear or nnx.Einsum, got {type(base).__name__}")
+
+
+def _inherited_names(kernel: nnx.Variable, axes: Sequence[int]) -> tuple[Any, ...] | None:
+    names = kernel.get_metadata().get("out_sharding")
+    if names is None:
+        return None
+    return tuple(names[i] if i < len(names) else None for i in axes)
+
+
+class LoRAAdapter(nnx.Module):
+    """A pretrained ``nnx.Linear``/``nnx.Einsum`` plus a LoRA adapter: ``base(x) + s · Δ(x)``.
+
+    ``base_module`` keeps its (pretrained) ``kernel``/``bias`` as ``nnx.Param``;
+    the adapter adds ``lora_a``/``lora_b`` (``nnx.LoRAParam``, layout from
+    ``einsum_lora_spec``; an ``nnx.Linear`` is ``'...i,io->...o'``) with
+    ``s = alpha / rank`` (1 without ``alpha``). Factors inherit the kernel's
+    ``out_sharding`` names (rank axis unsharded). Standard init: ``lora_a``
+    he_uniform over the contracted axes, ``lora_b = 0`` (output unchanged).
+
+    Args:
+      base_module: the layer to adapt.
+      rank: r; alpha: α (``None``: ``s = 1``).
+      param_dtype: factors' dtype (default: the kernel's).
+      lora_a_init, lora_b_init: initializers on the flattened
+        ``(prod(contracted), r)`` / ``(r, prod(output))`` shapes, vmapped over
+        batch axes.
+      rngs: ``nnx.Rngs`` (keyword-only).
+    """
+
+    def __init__(
+        self,
+        base_module: nnx.Module,
+        *,
+        rank: int,
+        alpha: float | None = None,
+        param_dtype: Any = None,
+        lora_a_init: Initializer | None = None,
+        lora_b_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        where = f"LoRAAdapter({type(base_module).__name__})"
+        spec = _base_spec(base_module, rank, where)
+        kernel: nnx.Variable = base_module.kernel  # type: ignore[attr-defined]
+        dtype = kernel.dtype if param_dtype is None else param_dtype
+        _common.check_float_dtype(where, "param_dtype", dtype)
+        self.base_module = base_module
+        self.spec = spec
+        self.rank, self.alpha = rank, alpha
+        self.lora_scale = _common.lora_scale_value(where, alpha, rank)
+        self.merged = False
+        nb = len(spec.batch_axes)
+        batch_shape = spec.a_shape[:nb]
+        m, n = math.prod(spec.a_shape[nb:-1]), math.prod(spec.b_shape[nb + 1 :])
+        a_init = _flat_init(lora_a_init or _common.default_lora_a_init("standard", 1), (m, rank))
+        b_init = _flat_init(lora_b_init or _common.default_lora_b_init("standard"), (rank, n))
+        a_names = _inherited_names(kernel, (*spec.batch_axes, *spec.contracted_axes))
+        b_names = _inherited_names(kernel, spec.batch_axes)
+        out_names = _inherited_names(kernel, spec.output_axes)
+        self.lora_a = nnx.LoRAParam(
+            _batched_init(a_init, rngs.params(), batch_shape, spec.a_shape[nb:], dtype),
+            **_sharding_metadata(None if a_names is None else (*a_names, None)),
+        )
+        self.lora_b = nnx.LoRAParam(
+            _batched_init(b_init, rngs.params(), batch_shape, spec.b_shape[nb:], dtype),
+            **_sharding_metadata(
+                None if b_names is None or out_names is None else (*b_names, None, *out_names)
+            ),
+        )
+
+    def delta_kernel(self) -> jax.Array:
+        """``s · lora_a ⋅ lora_b`` in the kernel's shape and axis order (float32)."""
+        delta = jnp.einsum(
+            self.spec.kernel_equation,
+            self.lora_a[...].astype(jnp.float32),
+            self.lora_b[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return delta * jnp.float32(self.lora_scale)
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """``base_module(x) + s · einsum(delta_equation, x, lora_a, lora_b)`` (unless merged)."""
+        y = self.base_module(inputs, *args, **kwargs)  # type: ignore[operator]
+        if self.merged:
+            return y
+        x = jnp.asarray(inputs)
+        base_dtype = getattr(self.base_module, "dtype", None)
+        x, lora_a, lora_b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=base_dtype)
+        precision = getattr(self.base_module, "precision", None)
+        delta = jnp.einsum(self.spec.delta_equation, x, lora_a, lora_b, precision=precision)
+        if self.lora_scale != 1.0:
+            delta = delta * jnp.asarray(self.lora_scale, delta.dtype)
+        return y + delta.astype(y.dtype)
+
+
+def _batched_init(
+    init: Initializer,
+    rng: jax.Array,
+    batch_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    dtype: Any,
+) -> jax.Array:
+    """``init`` per batch index (independent keys), so fans never include batch axes."""
+    count = math.prod(batch_shape)
+    if not batch_shape:
+        return init(rng, shape, dtype)
+    keys = jax.random.split(rng, count)
+    values = jax.vmap(lambda k: init(k, shape, dtype))(keys)
+    return values.reshape(batch_shape + shape)
+
+
+# ---------------------------------------------------------------------------
+# Scales for the optimizer
+# ---------------------------------------------------------------------------
+
+
+def lora_scales(model: nnx.Module) -> dict[tuple[str, ...], float]:
+    """``{module path: s}`` of every LoRA module in ``model``.
+
+    ``LoRALinearGeneral`` and ``LoRAAdapter``: ``s = α/r`` (1 without alpha);
+    ``nnx.LoRA`` (also the ``lora`` child of ``nnx.LoRALinear``): 1.
+    """
+    scales: dict[tuple[str, ...], float] = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, LoRALinearGeneral | LoRAAdapter):
+            scales[tuple(str(k) for k in path)] = module.lora_scale
+        elif isinstance(module, nnx.LoRA):
+            scales[tuple(str(k) for k in path)] = 1.0
+    return scales
+
+
+def lora_scale_fn(model: nnx.Module, *, default: float | None = None) -> LoraScaleMap:
+    """The ``lora_scale`` callable of ``lora_muon`` for ``model``'s LoRA modules.
+
+    Example::
+
+        tx = lora_muon(0.1, lora_scale=lora_scale_fn(model))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+    Args:
+      model: an NNX module (read once; the scales are static).
+      default: scale of pairs no known module owns (qwix-made pairs: its
+        ``alpha / rank``); ``None`` makes them raise a ``KeyError``.
+    """
+    return LoraScaleMap(lora_scales(model), default=default)
