@@ -88,9 +88,11 @@ def _batched_inverse_sqrt(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """``inverse_sqrt_normalized`` on many (N_i, r_i, r_i) stacks in one chain per r."""
     out: list[tuple[jax.Array, jax.Array] | None] = [None] * len(mats)
-    by_rank: dict[int, list[int]] = {}
+    # Grouped by r and, on explicit meshes, by sharding type: concatenating
+    # differently sharded stacks is refused there (Auto meshes report none).
+    by_rank: dict[tuple[int, object], list[int]] = {}
     for i, m in enumerate(mats):
-        by_rank.setdefault(m.shape[-1], []).append(i)
+        by_rank.setdefault((m.shape[-1], getattr(jax.typeof(m), "sharding", None)), []).append(i)
     for idx in by_rank.values():
         stacked = jnp.concatenate([mats[i] for i in idx], axis=0)
         x, scale = _polar.inverse_sqrt_normalized(stacked, method, pseudo=pseudo)

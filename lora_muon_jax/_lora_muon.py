@@ -87,8 +87,13 @@ def _stacked_directions(
         return _direction.lora_muon_directions(views, method)
     groups: dict[Any, list[int]] = {}
     for i, v in enumerate(views):
+        # Stacking differently sharded arrays would gather them (Auto mesh) or
+        # fail (Explicit mesh): equal sharding is part of the key.
         key = (
-            *((x.shape[1:], x.dtype) for x in (v.a, v.b, v.mu_a, v.mu_b)),
+            *(
+                (x.shape[1:], x.dtype, getattr(jax.typeof(x), "sharding", None))
+                for x in (v.a, v.b, v.mu_a, v.mu_b)
+            ),
             v.a_rank_first,
             v.b_rank_first,
         )

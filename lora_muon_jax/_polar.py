@@ -127,10 +127,42 @@ def _eye_like(p: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), p.shape)
 
 
+def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """Output sharding of a Gram on an explicit mesh, derived from x's own type.
+
+    On a mesh with Explicit axes, contracting a sharded axis is ambiguous and
+    JAX asks for ``out_sharding``: the batch axes keep x's sharding and the
+    r×r axes are replicated (one r×r all-reduce; the tall axis is never
+    gathered). Auto meshes and unsharded inputs need nothing (``None``). No
+    mesh axis name is assumed: they come from ``jax.typeof(x)``.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    if mesh.empty:
+        return None
+    if jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:-2], None, None))
+
+
 def gram(x: jax.Array, *, rank_first: bool = False) -> jax.Array:
-    """The r×r Gram in float32: ``xᵀx`` of (..., m, r), or ``x xᵀ`` of (..., r, m)."""
+    """The r×r Gram in float32: ``xᵀx`` of (..., m, r), or ``x xᵀ`` of (..., r, m).
+
+    A tall axis sharded over a mesh becomes partial sums and one r×r
+    all-reduce; on explicit meshes the output is r×r-replicated.
+    """
     spec = "...rm,...sm->...rs" if rank_first else "...mr,...ms->...rs"
-    return jnp.einsum(spec, x, x, precision=_HIGHEST, preferred_element_type=_F32)
+    return jnp.einsum(
+        spec,
+        x,
+        x,
+        precision=_HIGHEST,
+        preferred_element_type=_F32,
+        out_sharding=_gram_out_sharding(x),
+    )
 
 
 def scaled_grams(
@@ -329,7 +361,7 @@ def matrix_sign(
     x = x / jnp.where(norm > 0, norm, 1.0)
 
     def body(x: jax.Array, abc: jax.Array):
-        u = _mm(x, _mT(x))
+        u = gram(x, rank_first=True)  # x xᵀ, r×r (one all-reduce if m is sharded)
         return abc[0] * x + _mm(abc[1] * u + abc[2] * _mm(u, u), x), None
 
     x, _ = jax.lax.scan(body, x, _coeff_table(coeffs))
