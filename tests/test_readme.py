@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,3 +67,31 @@ def test_quickstart_example_runs() -> None:
     # loss at 0/50/300, then the same with rescaled factors: the curve is unchanged at step 50
     assert muon[2] < 1e-4 * muon[0]
     assert abs(muon[4] - muon[1]) <= 1e-3 * muon[1]
+
+
+def test_sharding_block_shards_and_matches_one_device() -> None:
+    import optax
+
+    from lora_muon_jax import lora_muon
+    from lora_muon_jax.sharding import hlo_collectives
+
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices (tests/conftest.py asks for 8 CPU devices)")
+    namespace: dict = {}
+    exec(_python_blocks()[2], namespace)
+    params, state, step, grads = (namespace[k] for k in ("params", "state", "step", "grads"))
+    for leaf in jax.tree.leaves(params):
+        assert "fsdp" in tuple(leaf.sharding.spec)
+    # Oracle: the same step on one device, no shardings (the block up to the sharding).
+    fresh: dict = {}
+    exec(_python_blocks()[2].split("specs =")[0], fresh)
+    tx = lora_muon(learning_rate=0.1)
+    plain = fresh["params"]
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, plain), tx.init(plain), plain)
+    expected = optax.apply_updates(fresh["params"], updates)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        assert jnp.allclose(jax.device_get(got), want, atol=2e-6)
+    with jax.set_mesh(namespace["mesh"]):
+        text = step.lower(params, state, grads).compile().as_text()
+    kinds = {c.kind for c in hlo_collectives(text)}
+    assert kinds == {"all-reduce"}, kinds
