@@ -1,0 +1,224 @@
+"""Spectron: factor-wise Muon on LoRA factors with a norm-adaptive step (a baseline).
+
+Per LoRA pair ``W = W_pre + A Bᵀ`` (found by ``lora_muon_jax.find_lora_pairs``,
+the same pairing as ``lora_muon``), with EMA momenta ``M_A, M_B``:
+
+    ρ = η / (‖A‖₂ + ‖B‖₂ + 1),   A ← (1 − λη) A − ρ msign(M_A),   B ← (1 − λη) B − ρ msign(M_B)
+
+The spectral norms come from power iteration on the r×r Grams ``AᵀA``, ``BᵀB``
+(warm-started from the previous step's vectors, kept in the state). Unlike
+LoRA-Muon the step is *not* invariant to the gauge ``(A, B) → (cA, B/c)``: the
+induced ``ΔA Bᵀ = −ρ msign(M_A) Bᵀ`` scales like ``1/c``.
+
+Reference: Spectron, arXiv:2602.12429 (as summarised in the LoRA-Muon paper,
+Cesista, Crowson, Simal, Biderman, arXiv:2606.12921, 2026, which uses it as a
+baseline). The decoupled factor decay ``(1 − λη)`` per factor is our choice: the
+summary does not specify Spectron's weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_muon_jax import _pairs
+from lora_muon_jax._polar import matrix_sign
+from lora_muon_jax.baselines._common import (
+    F32,
+    increment,
+    lora_labels,
+    math_views,
+    partition_with_fallback,
+    resolve_all_pairs,
+)
+from lora_muon_jax.baselines._dense_muon import scale_by_decoupled_step
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Power-iteration steps per optimizer step (warm-started, so a few suffice).
+DEFAULT_POWER_ITERATIONS = 5
+
+
+class ScaleBySpectronState(NamedTuple):
+    """State of ``scale_by_spectron``."""
+
+    count: jax.Array  # int32[], number of updates so far
+    mu: optax.Updates  # EMA of factor gradients: params' tree and shapes, dtype mu_dtype
+    # Per pair: right singular vector estimates of A and B, float32 (N, r) each
+    # (N = product of the pair's batch axes).
+    power_vectors: tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def spectral_norm_power(
+    x: jax.Array, v0: jax.Array, iterations: int = DEFAULT_POWER_ITERATIONS
+) -> tuple[jax.Array, jax.Array]:
+    """``‖X‖₂`` of ``X (N, m, r)`` by power iteration on ``XᵀX`` from ``v0 (N, r)``.
+
+    Returns ``(sigma (N,), v (N, r))``; ``σ = sqrt(vᵀ XᵀX v)`` with v normalised
+    (a lower bound that converges to ‖X‖₂ geometrically in ``(σ₂/σ₁)²``).
+    """
+    gram = jnp.einsum("nmi,nmj->nij", x, x, precision=_HIGHEST)
+
+    def body(v: jax.Array, _: None) -> tuple[jax.Array, None]:
+        w = jnp.einsum("nij,nj->ni", gram, v, precision=_HIGHEST)
+        norm = jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True))
+        return jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1.0), v), None
+
+    v, _ = jax.lax.scan(body, v0.astype(F32), None, length=iterations)
+    rayleigh = jnp.einsum("ni,nij,nj->n", v, gram, v, precision=_HIGHEST)
+    return jnp.sqrt(jnp.maximum(rayleigh, 0.0)), v
+
+
+def _initial_vector(n: int, r: int) -> jax.Array:
+    return jnp.full((n, r), 1.0 / r**0.5, F32)
+
+
+def scale_by_spectron(
+    momentum: float | jax.Array = 0.9,
+    *,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
+    mu_dtype: Any = None,
+    pair_rule: _pairs.PairRule | None = None,
+    dimension_numbers: _pairs.DimensionNumbersArg = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""EMA momentum and Spectron's direction ``D = msign(M) / (‖A‖₂ + ‖B‖₂ + 1)``.
+
+    Scaling by ``-η`` gives Spectron's step ``−ρ msign(M)`` with
+    ``ρ = η / (‖A‖₂ + ‖B‖₂ + 1)``. Every leaf must belong to a LoRA pair.
+
+    Args:
+      momentum: EMA rate β of the factor momenta.
+      power_iterations: power-iteration steps per update (warm-started).
+      mu_dtype: momentum dtype (default: the parameters'); math is float32.
+      pair_rule: how factors are paired (default ``default_pair_rule``).
+      dimension_numbers: pair axis layout (default: inferred).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+    """
+    who = "scale_by_spectron"
+
+    def init_fn(params: optax.Params) -> ScaleBySpectronState:
+        pairs = resolve_all_pairs(params, pair_rule, dimension_numbers, who)
+        vectors = []
+        for p in pairs:
+            nb = p.dims.num_batch_axes or 0
+            n = 1
+            for d in p.a_shape[:nb]:
+                n *= d
+            vectors.append((_initial_vector(n, p.rank), _initial_vector(n, p.rank)))
+        return ScaleBySpectronState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            power_vectors=tuple(vectors),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleBySpectronState]:
+        del extra_args
+        state = cast(ScaleBySpectronState, state)
+        pairs = resolve_all_pairs(updates, pair_rule, dimension_numbers, who)
+        if params is None:
+            raise ValueError(f"{who} needs `params` (the factors' norms set the step size)")
+        grads, treedef = jax.tree_util.tree_flatten(updates)
+        factors = treedef.flatten_up_to(params)
+        mus = treedef.flatten_up_to(state.mu)
+        beta = jnp.asarray(momentum, F32)
+        new_mu = [
+            beta * m.astype(F32) + (1.0 - beta) * g.astype(F32)
+            for m, g in zip(mus, grads, strict=True)
+        ]
+        out: list[Any] = list(grads)
+        new_vectors = []
+        for p, (v_a, v_b) in zip(pairs, state.power_vectors, strict=True):
+            a, b = math_views(factors, p)
+            mu_a, mu_b = math_views(new_mu, p)
+            norm_a, v_a = spectral_norm_power(a, v_a, power_iterations)
+            norm_b, v_b = spectral_norm_power(b, v_b, power_iterations)
+            new_vectors.append((v_a, v_b))
+            rho = (1.0 / (norm_a + norm_b + 1.0))[:, None, None]
+            for index, mu, role in ((p.a_index, mu_a, "a"), (p.b_index, mu_b, "b")):
+                d = _pairs.from_math_layout(rho * matrix_sign(mu), p, role)  # type: ignore[arg-type]
+                out[index] = d.astype(grads[index].dtype)
+        return jax.tree_util.tree_unflatten(treedef, out), ScaleBySpectronState(
+            count=increment(state.count),
+            mu=jax.tree_util.tree_unflatten(
+                treedef, [m.astype(o.dtype) for m, o in zip(new_mu, mus, strict=True)]
+            ),
+            power_vectors=tuple(new_vectors),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def spectron(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float | jax.Array = 0.9,
+    weight_decay: float | jax.Array = 0.01,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
+    mu_dtype: Any = None,
+    pair_rule: _pairs.PairRule | None = None,
+    dimension_numbers: _pairs.DimensionNumbersArg = None,
+    fallback: optax.GradientTransformation | None = None,
+    fallback_learning_rate: optax.ScalarOrSchedule | None = None,
+    fallback_weight_decay: float | jax.Array = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Spectron on every LoRA pair, AdamW on the other leaves.
+
+        ρ = η / (‖A‖₂ + ‖B‖₂ + 1),   X ← (1 − λη) X − ρ msign(M_X)   for X ∈ {A, B}
+
+    η has LoRA-Muon's units only roughly: ``‖ΔA Bᵀ‖₂ ≤ ρ ‖B‖₂ < η``, and the step
+    on W depends on how the product's scale is split between the factors.
+
+    Args:
+      learning_rate: η, a float or an optax schedule.
+      momentum: EMA rate β.
+      weight_decay: λ, decoupled, per factor (the product decays by ``(1 − λη)²``).
+      power_iterations: power-iteration steps per update.
+      mu_dtype: momentum dtype.
+      pair_rule: how factors are paired (default ``default_pair_rule``).
+      dimension_numbers: pair axis layout (default: inferred).
+      fallback: transformation for non-LoRA leaves (default ``optax.adamw``).
+      fallback_learning_rate: AdamW learning rate for non-LoRA leaves.
+      fallback_weight_decay: AdamW weight decay for non-LoRA leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lora_muon_jax.baselines import spectron
+      >>> params = {'lora_a': jnp.eye(4, 2), 'lora_b': jnp.eye(2, 3)}
+      >>> opt = spectron(0.3, weight_decay=0.0)
+      >>> state = opt.init(params)
+      >>> updates, _ = opt.update(params, state, params)  # G = params
+      >>> round(float(jnp.linalg.norm(updates['lora_a'], ord=2)), 4)  # 0.3 / (1 + 1 + 1)
+      0.1
+    """
+    factor_tx = optax.chain(
+        scale_by_spectron(
+            momentum,
+            power_iterations=power_iterations,
+            mu_dtype=mu_dtype,
+            pair_rule=pair_rule,
+            dimension_numbers=dimension_numbers,
+        ),
+        scale_by_decoupled_step(learning_rate, weight_decay),
+    )
+    return partition_with_fallback(
+        "lora",
+        factor_tx,
+        lora_labels(pair_rule, dimension_numbers),
+        learning_rate=learning_rate,
+        fallback=fallback,
+        fallback_learning_rate=fallback_learning_rate,
+        fallback_weight_decay=fallback_weight_decay,
+        mu_dtype=mu_dtype,
+    )
