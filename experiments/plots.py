@@ -207,15 +207,46 @@ def claims(results: Path) -> str:
                     f"Rank-32 LoRA-Muon {r32:.4f} vs dense Muon {dense_best[1]:.4f} "
                     f"(difference {r32 - dense_best[1]:+.4f}; claim: ≤ 0)."
                 )
-    rs = read_rows(results / "rescale_final.csv")
+                lr32 = best_lr(curves[("lora_muon", "32")])[0]
+                per_seed = {
+                    (r["optimizer"], r["seed"]): float(r["final_val_loss"])
+                    for r in rows
+                    if (r["optimizer"], _key_rank(r), float(r["lr"]))
+                    in (("lora_muon", "32", lr32), ("muon", "dense", dense_best[0]))
+                }
+                seeds = sorted(
+                    {s for o, s in per_seed if o == "lora_muon"}
+                    & {s for o, s in per_seed if o == "muon"}
+                )
+                if seeds:
+                    diffs = [per_seed[("lora_muon", s)] - per_seed[("muon", s)] for s in seeds]
+                    lines.append(
+                        f"Paired over the {len(seeds)} seeds run for both at their best η: "
+                        f"mean difference {sum(diffs) / len(diffs):+.4f}, "
+                        f"rank 32 lower on {sum(d <= 0 for d in diffs)} of {len(seeds)}."
+                    )
+    rs = read_sweep(results, "rescale")
     if rs:
-        means = seed_mean(rs, ("optimizer", "rescale"))
-        lines.append("\n| optimizer | c | seed-mean final val loss | change vs c = 1 |")
-        lines.append("|---|---|---|---|")
-        for (opt, c), v in sorted(means.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
-            base = means.get((opt, "1.0"))
-            delta = "" if base is None else f"{v - base:+.2e}"
-            lines.append(f"| {opt} | {float(c):g} | {v:.5f} | {delta} |")
+        # Paired by seed: each seed's change against its own c = 1 run, then the mean.
+        base = {
+            (r["optimizer"], r["seed"]): float(r["final_val_loss"])
+            for r in rs
+            if float(r["rescale"]) == 1.0
+        }
+        groups: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
+        for r in rs:
+            key = (r["optimizer"], r["seed"])
+            if key in base:
+                v = float(r["final_val_loss"])
+                groups[(r["optimizer"], float(r["rescale"]))].append((v, v - base[key]))
+        lines.append(
+            "\n| optimizer | c | seeds | seed-mean final val loss | paired change vs c = 1 |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for (opt, c), vals in sorted(groups.items()):
+            mean_v = sum(v for v, _ in vals) / len(vals)
+            mean_d = sum(d for _, d in vals) / len(vals)
+            lines.append(f"| {opt} | {c:g} | {len(vals)} | {mean_v:.5f} | {mean_d:+.2e} |")
     return "\n".join(lines)
 
 
