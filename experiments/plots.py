@@ -5,7 +5,8 @@ Run (CPU, ~5 s, after the sweeps of experiments/shakespeare.py):
     .venv/bin/python experiments/plots.py
 
 Writes ``experiments/results/lr_transfer.png`` (validation loss vs learning rate, one
-curve per rank, dense Muon dashed), ``width_depth.png`` (the same per width and per
+curve per rank, dense Muon dashed; ``lr_transfer_1000.png`` the same for the 1000-step
+``long1000*`` runs), ``width_depth.png`` (the same per width and per
 depth), ``rescale.png`` (validation curves under factor rescaling ×1, ×3, ×9, ×27 for
 LoRA-Muon and Spectron), and prints the issue's claims measured on the CSVs (best
 learning rate per rank, rank-32 vs dense, rescaling deltas) as markdown; see
@@ -108,13 +109,21 @@ def _plot_lr(ax: plt.Axes, rows: list[dict[str, str]], title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_lr_transfer(results: Path) -> Path | None:
-    rows = read_sweep(results, "lr_rank")
+# Sweeps drawn as LR-transfer figures: (CSV prefix, figure name, title). The
+# 1000-step runs are kept apart from the 200-step study (different budgets).
+LR_SWEEPS = (
+    ("lr_rank", "lr_transfer.png", "TinyShakespeare: LR transfer across ranks (w128, d2)"),
+    ("long1000", "lr_transfer_1000.png", "TinyShakespeare, 1000 steps, 1 seed (w128, d2)"),
+)
+
+
+def plot_lr_transfer(results: Path, sweep: str, name: str, title: str) -> Path | None:
+    rows = read_sweep(results, sweep)
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    _plot_lr(ax, rows, "TinyShakespeare: LR transfer across ranks (w128, d2)")
-    out = results / "lr_transfer.png"
+    _plot_lr(ax, rows, title)
+    out = results / name
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -178,7 +187,18 @@ def plot_rescale(results: Path) -> Path | None:
 def claims(results: Path) -> str:
     """The issue's claims, measured on the CSVs, as markdown lines."""
     lines = []
-    rows = read_sweep(results, "lr_rank")
+    for sweep, _, title in LR_SWEEPS:
+        rows = read_sweep(results, sweep)
+        if rows:
+            lines.append(f"\n{title} (`{sweep}*_final.csv`):\n")
+            lines += _lr_claims(rows)
+    lines += _rescale_claims(results)
+    return "\n".join(lines).lstrip("\n")
+
+
+def _lr_claims(rows: list[dict[str, str]]) -> list[str]:
+    """Best η per rank, its agreement with dense Muon's, rank 32 vs dense (paired)."""
+    lines = []
     if rows:
         curves = lr_curves(rows, ("lora_muon", "muon"))
         dense = curves.get(("muon", "dense"))
@@ -225,6 +245,12 @@ def claims(results: Path) -> str:
                         f"mean difference {sum(diffs) / len(diffs):+.4f}, "
                         f"rank 32 lower on {sum(d <= 0 for d in diffs)} of {len(seeds)}."
                     )
+    return lines
+
+
+def _rescale_claims(results: Path) -> list[str]:
+    """Final-loss change under factor rescaling, paired by seed against c = 1."""
+    lines = []
     rs = read_sweep(results, "rescale")
     if rs:
         # Paired by seed: each seed's change against its own c = 1 run, then the mean.
@@ -247,7 +273,7 @@ def claims(results: Path) -> str:
             mean_v = sum(v for v, _ in vals) / len(vals)
             mean_d = sum(d for _, d in vals) / len(vals)
             lines.append(f"| {opt} | {c:g} | {len(vals)} | {mean_v:.5f} | {mean_d:+.2e} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
     results = Path(args.results)
-    for out in (plot_lr_transfer(results), plot_width_depth(results), plot_rescale(results)):
+    figures = [plot_lr_transfer(results, *sweep) for sweep in LR_SWEEPS]
+    for out in (*figures, plot_width_depth(results), plot_rescale(results)):
         if out is not None:
             print(f"wrote {out}")
     print(claims(results))
