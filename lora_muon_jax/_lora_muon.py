@@ -62,6 +62,38 @@ def _increment(count: jax.Array) -> jax.Array:
     return jnp.asarray(optax.safe_increment(count))
 
 
+def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    """η at step ``count`` as float32 (schedules are evaluated under standard promotion)."""
+    if callable(learning_rate):
+        # optax's schedules are not written for strict dtype promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            return _f32(learning_rate(count))
+    return _f32(learning_rate)
+
+
+def _ema_momenta(
+    mus: list[jax.Array], grads: list[jax.Array], momentum: float | jax.Array
+) -> list[jax.Array]:
+    """``β M + (1 − β) G`` per leaf, in float32."""
+    beta = _f32(momentum)
+    return [
+        beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32)
+        for m, g in zip(mus, grads, strict=True)
+    ]
+
+
+def _resolve_all_pairs(
+    tree: Any, rule: PairRule, dimension_numbers: DimensionNumbersArg, where: str, hint: str
+) -> list[_pairs.LoraPair]:
+    """The tree's LoRA pairs; every leaf must belong to one (else ValueError naming them)."""
+    resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
+    if resolved.unpaired:
+        shown = ", ".join(resolved.unpaired[:5])
+        more = f" (and {len(resolved.unpaired) - 5} more)" if len(resolved.unpaired) > 5 else ""
+        raise ValueError(f"{where}: leaves that are not LoRA factors: {shown}{more}. {hint}")
+    return resolved.pairs
+
+
 def _no_params_error(what: str) -> ValueError:
     return ValueError(
         f"{what} needs the current parameters (the factors' Grams define the step) "
@@ -164,16 +196,14 @@ def scale_by_lora_muon(
     rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
 
     def _resolve(tree: Any, where: str) -> list[_pairs.LoraPair]:
-        resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
-        if resolved.unpaired:
-            shown = ", ".join(resolved.unpaired[:5])
-            more = f" (and {len(resolved.unpaired) - 5} more)" if len(resolved.unpaired) > 5 else ""
-            raise ValueError(
-                f"scale_by_lora_muon.{where}: leaves that are not LoRA factors: {shown}{more}. "
-                "Use lora_muon(...) (non-LoRA leaves go to its fallback) or "
-                "optax.partition(..., lora_param_labels(params))."
-            )
-        return resolved.pairs
+        return _resolve_all_pairs(
+            tree,
+            rule,
+            dimension_numbers,
+            f"scale_by_lora_muon.{where}",
+            "Use lora_muon(...) (non-LoRA leaves go to its fallback) or "
+            "optax.partition(..., lora_param_labels(params)).",
+        )
 
     def init_fn(params: optax.Params) -> ScaleByLoraMuonState:
         _resolve(params, "init")
@@ -197,15 +227,9 @@ def scale_by_lora_muon(
             raise _no_params_error("scale_by_lora_muon")
         factors = treedef.flatten_up_to(params)
         mus = treedef.flatten_up_to(state.mu)
-        beta = _f32(momentum)
-        new_mu = [
-            beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32)
-            for m, g in zip(mus, grads, strict=True)
-        ]
+        new_mu = _ema_momenta(mus, grads, momentum)
         if nesterov:
-            mu_hat = [
-                beta * m + (1.0 - beta) * g.astype(_F32) for m, g in zip(new_mu, grads, strict=True)
-            ]
+            mu_hat = _ema_momenta(new_mu, grads, momentum)
         else:
             mu_hat = new_mu
 
@@ -271,12 +295,7 @@ def scale_by_split_weight_decay(
             return updates, ScaleBySplitWeightDecayState(_increment(state.count))
         if params is None:
             raise _no_params_error("scale_by_split_weight_decay")
-        if callable(learning_rate):
-            # optax's schedules are not written for strict dtype promotion.
-            with jax.numpy_dtype_promotion("standard"):
-                lr = _f32(learning_rate(state.count))
-        else:
-            lr = _f32(learning_rate)
+        lr = _learning_rate_at(learning_rate, state.count)
         decay_fraction = jnp.clip(_f32(weight_decay) * lr, 0.0, _MAX_DECAY_FRACTION)
         s = jnp.sqrt(1.0 - decay_fraction)
         step_coeff = -lr / s

@@ -9,23 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs
+from lora_muon_jax import _lora_muon, _pairs
 from lora_muon_jax._lora_muon import _with_standard_promotion
 
 F32 = jnp.float32
 
 
-def increment(count: jax.Array) -> jax.Array:
-    """``count + 1`` saturating at the int32 maximum."""
-    return jnp.asarray(optax.safe_increment(count))
-
-
-def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """η at step ``count`` as float32 (schedules are evaluated under standard promotion)."""
-    if callable(learning_rate):
-        with jax.numpy_dtype_promotion("standard"):
-            return jnp.asarray(learning_rate(count), F32)
-    return jnp.asarray(learning_rate, F32)
+# One implementation each, shared with lora_muon itself.
+increment = _lora_muon._increment
+learning_rate_at = _lora_muon._learning_rate_at
+ema_momenta = _lora_muon._ema_momenta
 
 
 def partition_with_fallback(
@@ -64,15 +57,14 @@ def resolve_all_pairs(
     who: str,
 ) -> list[_pairs.LoraPair]:
     """The tree's LoRA pairs; every leaf must belong to one (else ValueError naming them)."""
-    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
-    resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
-    if resolved.unpaired:
-        shown = ", ".join(resolved.unpaired[:5])
-        raise ValueError(
-            f"{who}: leaves that are not LoRA factors: {shown}. Use the full optimizer "
-            "(non-LoRA leaves go to its fallback) or optax.partition with lora_param_labels."
-        )
-    return resolved.pairs
+    return _lora_muon._resolve_all_pairs(
+        tree,
+        pair_rule if pair_rule is not None else _pairs.default_pair_rule,
+        dimension_numbers,
+        who,
+        "Use the full optimizer (non-LoRA leaves go to its fallback) or "
+        "optax.partition with lora_param_labels.",
+    )
 
 
 def math_views(leaves: list[jax.Array], pair: _pairs.LoraPair) -> tuple[jax.Array, jax.Array]:

@@ -25,6 +25,7 @@ import optax
 from lora_muon_jax._polar import matrix_sign
 from lora_muon_jax.baselines._common import (
     F32,
+    ema_momenta,
     increment,
     learning_rate_at,
     partition_with_fallback,
@@ -86,18 +87,16 @@ def scale_by_dense_muon(
     ) -> tuple[optax.Updates, ScaleByDenseMuonState]:
         del params
         state = cast(ScaleByDenseMuonState, state)
-        beta = jnp.asarray(momentum, F32)
-
         grads, treedef = jax.tree_util.tree_flatten(updates)
         mus = treedef.flatten_up_to(state.mu)
-        directions, new_mu = [], []
-        for g, m in zip(grads, mus, strict=True):
-            m32 = beta * m.astype(F32) + (1.0 - beta) * g.astype(F32)
-            m_hat = beta * m32 + (1.0 - beta) * g.astype(F32) if nesterov else m32
-            directions.append(matrix_sign(m_hat).astype(g.dtype))
-            new_mu.append(m32.astype(m.dtype))
-        directions = jax.tree_util.tree_unflatten(treedef, directions)
-        new_mu = jax.tree_util.tree_unflatten(treedef, new_mu)
+        mu32 = ema_momenta(mus, grads, momentum)
+        mu_hat = ema_momenta(mu32, grads, momentum) if nesterov else mu32
+        directions = jax.tree_util.tree_unflatten(
+            treedef, [matrix_sign(m).astype(g.dtype) for m, g in zip(mu_hat, grads, strict=True)]
+        )
+        new_mu = jax.tree_util.tree_unflatten(
+            treedef, [m.astype(old.dtype) for m, old in zip(mu32, mus, strict=True)]
+        )
         return directions, ScaleByDenseMuonState(count=increment(state.count), mu=new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ import optax
 from lora_muon_jax import _pairs
 from lora_muon_jax.baselines._common import (
     F32,
+    ema_momenta,
     increment,
     lora_labels,
     math_views,
@@ -122,11 +123,7 @@ def scale_by_lora_rite(
         grads, treedef = jax.tree_util.tree_flatten(updates)
         factors = treedef.flatten_up_to(params)
         mus = treedef.flatten_up_to(state.mu)
-        beta = jnp.asarray(momentum, F32)
-        new_mu = [
-            beta * m.astype(F32) + (1.0 - beta) * g.astype(F32)
-            for m, g in zip(mus, grads, strict=True)
-        ]
+        new_mu = ema_momenta(mus, grads, momentum)
         out: list[Any] = list(grads)
         for p in pairs:
             a, b = math_views(factors, p)

@@ -28,6 +28,7 @@ from lora_muon_jax import _pairs
 from lora_muon_jax._polar import matrix_sign
 from lora_muon_jax.baselines._common import (
     F32,
+    ema_momenta,
     increment,
     lora_labels,
     math_views,
@@ -129,11 +130,7 @@ def scale_by_spectron(
         grads, treedef = jax.tree_util.tree_flatten(updates)
         factors = treedef.flatten_up_to(params)
         mus = treedef.flatten_up_to(state.mu)
-        beta = jnp.asarray(momentum, F32)
-        new_mu = [
-            beta * m.astype(F32) + (1.0 - beta) * g.astype(F32)
-            for m, g in zip(mus, grads, strict=True)
-        ]
+        new_mu = ema_momenta(mus, grads, momentum)
         out: list[Any] = list(grads)
         new_vectors = []
         for p, (v_a, v_b) in zip(pairs, state.power_vectors, strict=True):
