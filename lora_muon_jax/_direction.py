@@ -7,22 +7,34 @@ For ``W = W_pre + A Bᵀ`` with ``A: (m, r)``, ``B: (n, r)`` and momenta
     R_A = (AᵀA)^{-1/2},          R_B = (BᵀB)^{-1/2},
 
 and steps ``ΔA = -(η/2) U_A``, ``ΔB = -(η/2) U_B``. Each half of the induced
-tangent step has unit spectral norm: ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1``.
+tangent step has unit spectral norm: ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1``, and never
+more (the trust region): where a direction cannot be resolved in floating
+point it shrinks, it never grows.
 
 Two ways to compute it (``method``):
 
-* ``"gram"`` (default): for full-column-rank ``M R``,
+* ``"gram"`` (default). For full-column-rank ``M R``,
   ``msign(M R) R = M K`` with ``K = R (R P R)^{-1/2} R = (S # P)^{-1}``
-  (``S = BᵀB``, ``P = M_AᵀM_A``, ``#`` the matrix geometric mean), so the
-  direction needs three tall products per factor (two Grams and ``M K``);
-  everything else is r×r. The inverse roots use a stable Polar-Express
-  iteration (see ``_polar``).
+  (``S = BᵀB``, ``P = M_AᵀM_A``, ``#`` the matrix geometric mean): three tall
+  products per factor (two Grams and ``M K``), everything else r×r. The Gram
+  of ``M R`` squares its condition number, so this *fast form* is used only
+  where an r×r bound says it is exact to float32 rounding: every Gram in
+  range and ``λ_min`` of each normalised r×r Gram above
+  ``1 / FAST_MAX_INVERSE_EIGENVALUE``. Otherwise the pair's stack takes the
+  *robust form* (inside a ``lax.cond``, so it costs nothing when unused):
+  inputs scaled to unit magnitude; each factor whitened by a CholeskyQR2-like
+  pass, ``Q = B R₀``, ``L = R₀ F(QᵀQ)``, so that ``B L`` is a partial
+  isometry; ``X = M L`` brought near orthogonal by five Newton–Schulz steps
+  on the tall matrix (they do not square its condition number); then a
+  contraction filter ``F`` on the exact Gram of that X (``‖X F‖₂ <= 1``,
+  see ``_polar.contraction_filter``) and ``U = X F Lᵀ``.
 * ``"paper"``: Algorithm 1 literally, with the paper's Table 2 inverse root
-  and Table 1 msign (8 Newton–Schulz steps on the m×r product).
+  and Table 1 msign (8 Newton–Schulz steps on the m×r product), on inputs
+  scaled to unit magnitude.
 
-Both are matmul-only. Every r×r inverse root of every pair passed in one call
-runs in one batched chain (grouped by r), so a model's adapters share one
-chain instead of one per adapter.
+Both are matmul-only (no QR, eigh or SVD). Every r×r inverse root of every
+pair passed in one call runs in one batched chain (grouped by r), so a
+model's adapters share one chain instead of one per adapter.
 
 Reference: Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest
 Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
@@ -30,7 +42,7 @@ Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -42,8 +54,9 @@ Method = Literal["gram", "paper"]
 # One registry: validates `method` everywhere and documents each value.
 METHODS: dict[str, str] = {
     "gram": (
-        "Gram form: U_A = M_A (BᵀB # M_AᵀM_A)^{-1}; 3 tall products per factor, "
-        "r×r work in one batched chain; as accurate as float32 eigh."
+        "Gram form: U_A = M_A (BᵀB # M_AᵀM_A)^{-1}, 3 tall products per factor, r×r work "
+        "in one batched chain; a robust form (CholeskyQR2 whitening, tall Newton–Schulz, "
+        "contraction filter) takes over where an r×r bound says the Gram form is inexact."
     ),
     "paper": (
         "The paper's Algorithm 1 literally: Table 2 inverse roots (7 steps, "
@@ -51,17 +64,47 @@ METHODS: dict[str, str] = {
     ),
 }
 
-_F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+# ---------------------------------------------------------------- constants
+# Fast form gate. A float32 Gram carries rounding δ ≈ 1e-7 relative to its norm;
+# an inverse root then errs by about δ/λ̂ in the direction of a normalised
+# eigenvalue λ̂, and the step's halves by half of that. The fast form runs only
+# where every 1/λ̂ (bounded above within r^{1/4} by ‖Z⁴‖_F^{1/2}, Z the root) is
+# below this bound, i.e. where that error stays below ~1e-4 (measured:
+# benchmarks/numerics.py); the condition number of M R it admits is ~√bound.
+FAST_MAX_INVERSE_EIGENVALUE = 1e4
+# Every Gram's largest diagonal entry must lie in [tiny^0.8, tiny^-0.8] of the
+# compute dtype (float32: [1.4e-31, 7e30]) for the fast form: its products of
+# factor entries, roots and scalars then neither underflow nor overflow.
+FAST_RANGE_EXPONENT = 0.8
+# Robust form: damping of the first factor root (relative to ‖S‖_F), the
+# filters' τ for the factor whitening and the polar finish, and the Newton–Schulz
+# steps (the first five minimax quintics of the inverse-root schedule: they lift
+# the smallest singular values ~1300×, the float32 rounding floor of a
+# rank-deficient M R stays below the polar filter's τ).
+ROBUST_FACTOR_SHIFTS = (1e-2, 1e-2, 1e-2)
+ROBUST_FACTOR_TAU = 3e-6
+ROBUST_FACTOR_POWER = 5
+ROBUST_POLAR_TAU = 5e-6
+ROBUST_POLAR_POWER = 5
+ROBUST_NEWTON_SCHULZ = _polar.GRAM_INV_SQRT_COEFFS[:7]
 
 
 class FactorPair(NamedTuple):
-    """One pair in a 3-axis view: (N, m, r) — or (N, r, m) when ``*_rank_first``."""
+    """A pair, or a stack of N pairs, in 3-axis views: (N, m, r), or (N, r, m) if rank-first.
+
+    Attributes:
+      a: ``A`` (``lora_a``), ``(N, m, r)``; ``(N, r, m)`` holds ``Aᵀ`` when ``a_rank_first``.
+      b: ``B`` (``lora_bᵀ``), ``(N, n, r)``; ``(N, r, n)`` holds ``Bᵀ`` when ``b_rank_first``.
+      mu_a: momentum of ``a``, same shape and orientation.
+      mu_b: momentum of ``b``, same shape and orientation.
+    """
 
     a: jax.Array
     b: jax.Array
-    mu_a: jax.Array  # same shape and orientation as a
-    mu_b: jax.Array  # same shape and orientation as b
+    mu_a: jax.Array
+    mu_b: jax.Array
     a_rank_first: bool = False
     b_rank_first: bool = False
 
@@ -83,25 +126,34 @@ def _times(x: jax.Array, k: jax.Array, rank_first: bool) -> jax.Array:
     return _mm(_polar._mT(k), x) if rank_first else _mm(x, k)
 
 
-def _batched_inverse_sqrt(
-    mats: Sequence[jax.Array], method: Method, *, pseudo: bool = False
-) -> list[tuple[jax.Array, jax.Array]]:
-    """``inverse_sqrt_normalized`` on many (N_i, r_i, r_i) stacks in one chain per r."""
-    out: list[tuple[jax.Array, jax.Array] | None] = [None] * len(mats)
-    # Grouped by r and, on explicit meshes, by sharding type: concatenating
-    # differently sharded stacks is refused there (Auto meshes report none).
-    by_rank: dict[tuple[int, object], list[int]] = {}
+def _tall(p: FactorPair) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return p.a, p.b, p.mu_a, p.mu_b
+
+
+def _dtype(p: FactorPair) -> jnp.dtype:
+    return _polar.compute_dtype(p.a.dtype, p.b.dtype, p.mu_a.dtype, p.mu_b.dtype)
+
+
+def _batched(
+    fn: Callable[[jax.Array], tuple[jax.Array, ...]], mats: Sequence[jax.Array]
+) -> list[tuple[jax.Array, ...]]:
+    """``fn`` on many (N_i, r_i, r_i) stacks, concatenated into one call per (r, dtype).
+
+    Grouped by sharding type too: concatenating differently sharded stacks is
+    refused on explicit meshes (Auto meshes report none).
+    """
+    out: list[tuple[jax.Array, ...] | None] = [None] * len(mats)
+    groups: dict[tuple[int, object, object], list[int]] = {}
     for i, m in enumerate(mats):
-        by_rank.setdefault((m.shape[-1], getattr(jax.typeof(m), "sharding", None)), []).append(i)
-    for idx in by_rank.values():
-        stacked = jnp.concatenate([mats[i] for i in idx], axis=0)
-        x, scale = _polar.inverse_sqrt_normalized(stacked, method, pseudo=pseudo)
-        offsets = [0]
+        key = (m.shape[-1], m.dtype, getattr(jax.typeof(m), "sharding", None))
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        results = fn(jnp.concatenate([mats[i] for i in idx], axis=0))
+        lo = 0
         for i in idx:
-            offsets.append(offsets[-1] + mats[i].shape[0])
-        for j, i in enumerate(idx):
-            lo, hi = offsets[j], offsets[j + 1]
-            out[i] = (x[lo:hi], scale[lo:hi])
+            hi = lo + mats[i].shape[0]
+            out[i] = tuple(r[lo:hi] for r in results)
+            lo = hi
     return [o for o in out if o is not None]
 
 
@@ -109,68 +161,181 @@ def _max_diag(g: jax.Array) -> jax.Array:
     return jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
 
 
-def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
-    # Tall products 1-4 per pair: S_A, S_B, P_A, P_B (each c² · G, c >= 1).
-    grams = _polar.scaled_grams(
-        [x for p in pairs for x in (p.a, p.b, p.mu_a, p.mu_b)],
-        [rf for p in pairs for rf in (p.a_rank_first, p.b_rank_first) * 2],
+def _in_range(g: jax.Array) -> jax.Array:
+    """Per matrix: finite, and zero or with its largest diagonal entry in the fast range."""
+    lo = _polar.tiny(g.dtype) ** FAST_RANGE_EXPONENT
+    d = _max_diag(g)
+    finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+    return finite & ((d == 0) | ((d >= lo) & (d <= 1.0 / lo)))
+
+
+def _inverse_eigenvalue_bound(z: jax.Array) -> jax.Array:
+    """``‖Z⁴‖_F^{1/2}`` for ``Z = (P̂ + εI)^{-1/2}``: in ``[1, r^{1/4}] / (λ̂_min + ε)``."""
+    z2 = _mm(z, z)
+    z4 = _mm(z2, z2)
+    return jnp.sqrt(jnp.sqrt(jnp.sum(z4 * z4, axis=(-2, -1))))
+
+
+def _unit_scaled(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """``x = c · x̂`` with ``max|x̂| = 1`` per matrix (c = 1 for a zero matrix)."""
+    x = x.astype(dtype)
+    c = jnp.max(jnp.abs(x), axis=(-2, -1))
+    c = jnp.where(c >= _polar.tiny(dtype), c, 1.0)
+    return x / c[..., None, None], c
+
+
+# ---------------------------------------------------------------- robust form
+
+
+def _whitener(f: jax.Array, rank_first: bool) -> jax.Array:
+    """``L`` (r×r) with ``f L`` a partial isometry: shifted CholeskyQR with a contraction filter.
+
+    Each stage takes the Gram of the current tall ``q`` (``q = f`` at first),
+    ``R = (Ĝ + εI)^{-1/2}`` and moves on to ``q R``; a stage lifts the
+    smallest singular values by up to ε^{-1/2} while amplifying the null
+    space of f by no more than that. The last Gram goes through the
+    contraction filter, so the singular values of ``f L`` are at most 1,
+    1 − O(τ) on the directions f resolves and near 0 on its numerical null
+    space. Any such L serves: ``msign(M L) Lᵀ`` does not depend on the basis.
+    """
+    l = None
+    q = f
+    for eps in ROBUST_FACTOR_SHIFTS:
+        x, scale = _polar.inverse_sqrt_normalized(
+            _polar.gram(q, rank_first=rank_first), "gram", eps=eps
+        )
+        r = x * scale[..., None, None]
+        q = _times(q, r, rank_first)
+        l = r if l is None else _mm(l, r)
+    assert l is not None
+    f_last = _polar.contraction_filter(
+        _polar.gram(q, rank_first=rank_first), ROBUST_FACTOR_TAU, ROBUST_FACTOR_POWER
     )
-    factor_grams = [(grams[4 * i], grams[4 * i + 1]) for i in range(len(pairs))]
-    momentum_grams = [(grams[4 * i + 2], grams[4 * i + 3]) for i in range(len(pairs))]
-    # Chain 1: S_A^{-1/2}, S_B^{-1/2} for every pair ≈ scale · X / c; pseudo-inverse
-    # roots, so a rank-deficient factor's null directions get 0, not ε^{-1/2}
-    # (R appears twice in K: rounding noise there would be amplified ~ε^{-3/2}).
-    roots_s = _batched_inverse_sqrt([g for fg in factor_grams for g, _ in fg], "gram", pseudo=True)
-    # Chain 2: Q_A = R_B P̂_A R_B, Q_B = R_A P̂_B R_A, with P̂ = P / max diag(P).
+    return _mm(l, f_last)
+
+
+def _robust_polar(mu: jax.Array, rank_first: bool, l: jax.Array) -> jax.Array:
+    """``≈ msign(M L) Lᵀ`` with every singular value of ``msign`` part at most 1."""
+    x = _times(mu, l, rank_first)
+    t = jnp.trace(_polar.gram(x, rank_first=rank_first), axis1=-2, axis2=-1)
+    safe_t = jnp.where(t >= _polar.tiny(t.dtype), t, 1.0)
+    x = x * jnp.where(t >= _polar.tiny(t.dtype), jax.lax.rsqrt(safe_t), 0.0)[..., None, None]
+    eye = _polar._eye_like(l)
+    for a, b, c in ROBUST_NEWTON_SCHULZ:  # σ ↦ aσ + bσ³ + cσ⁵ on X's singular values
+        h = _polar.gram(x, rank_first=rank_first)
+        x = _times(x, a * eye + b * h + c * _mm(h, h), rank_first)
+    f = _polar.contraction_filter(
+        _polar.gram(x, rank_first=rank_first), ROBUST_POLAR_TAU, ROBUST_POLAR_POWER
+    )
+    return _times(x, _mm(f, _polar._mT(l)), rank_first)
+
+
+def _robust_directions(p: FactorPair) -> tuple[jax.Array, jax.Array]:
+    dtype = _dtype(p)
+    a, c_a = _unit_scaled(p.a, dtype)
+    b, c_b = _unit_scaled(p.b, dtype)
+    mu_a, _ = _unit_scaled(p.mu_a, dtype)  # the direction does not depend on M's scale
+    mu_b, _ = _unit_scaled(p.mu_b, dtype)
+    l_a = _whitener(a, p.a_rank_first)
+    l_b = _whitener(b, p.b_rank_first)
+    # R_B scales as 1/c_B: U_A = msign(M_A L̂_B) L̂_Bᵀ / c_B.
+    u_a = _robust_polar(mu_a, p.a_rank_first, l_b) / c_b[..., None, None]
+    u_b = _robust_polar(mu_b, p.b_rank_first, l_a) / c_a[..., None, None]
+    return u_a, u_b
+
+
+# ---------------------------------------------------------------- gram method
+
+
+def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
+    dtypes = [_dtype(p) for p in pairs]
+    # Tall products 1-4 per pair: S_A, S_B, P_A, P_B.
+    grams = [
+        [
+            _polar.gram(x, rank_first=rf).astype(dt)
+            for x, rf in zip(_tall(p), (p.a_rank_first, p.b_rank_first) * 2, strict=True)
+        ]
+        for p, dt in zip(pairs, dtypes, strict=True)
+    ]
+
+    def root(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        x, scale = _polar.inverse_sqrt_normalized(stack, "gram")
+        return x, scale, _inverse_eigenvalue_bound(x)
+
+    # Chain 1: S_A^{-1/2}, S_B^{-1/2} ≈ scale · X for every pair.
+    roots_s = _batched(root, [g for gs in grams for g in gs[:2]])
+    # Chain 2: Q_A = X_SB P̂_A X_SB, Q_B = X_SA P̂_B X_SA, with P̂ = P / max diag(P).
     inner = []
-    for i, (p_a, p_b) in enumerate(momentum_grams):
+    for i, gs in enumerate(grams):
         x_sa, x_sb = roots_s[2 * i][0], roots_s[2 * i + 1][0]
-        for x_s, (g_p, _) in ((x_sb, p_a), (x_sa, p_b)):
+        for x_s, g_p in ((x_sb, gs[2]), (x_sa, gs[3])):
             d = _max_diag(g_p)
             p_hat = g_p / jnp.where(d > 0, d, 1.0)[..., None, None]
             inner.append(_polar._sym(_mm(x_s, _mm(p_hat, x_s))))
-    roots_q = _batched_inverse_sqrt(inner, "gram")
+    roots_q = _batched(root, inner)
 
     out = []
     for i, p in enumerate(pairs):
-        (_, c_sa), (_, c_sb) = factor_grams[i]
-        (g_pa, c_pa), (g_pb, c_pb) = momentum_grams[i]
-        (x_sa, t_sa), (x_sb, t_sb) = roots_s[2 * i], roots_s[2 * i + 1]
-        (x_qa, t_qa), (x_qb, t_qb) = roots_q[2 * i], roots_q[2 * i + 1]
-        directions = []
-        # U_A = M_A K_A, K_A = R_B Q_A^{-1/2} R_B = (t_SB/c_SB) (t_QA/√d_PA) X_SB X_QA X_SB
-        for mu, rank_first, g_p, c_p, x_s, t_s, c_s, x_q, t_q in (
-            (p.mu_a, p.a_rank_first, g_pa, c_pa, x_sb, t_sb, c_sb, x_qa, t_qa),
-            (p.mu_b, p.b_rank_first, g_pb, c_pb, x_sa, t_sa, c_sa, x_qb, t_qb),
+        (x_sa, t_sa, e_sa), (x_sb, t_sb, e_sb) = roots_s[2 * i], roots_s[2 * i + 1]
+        (x_qa, t_qa, e_qa), (x_qb, t_qb, e_qb) = roots_q[2 * i], roots_q[2 * i + 1]
+        bound = FAST_MAX_INVERSE_EIGENVALUE
+        fast = jnp.all(jnp.stack([_in_range(g) for g in grams[i]]), axis=0)
+        for e in (e_sa, e_sb, e_qa, e_qb):
+            fast = fast & (e <= bound)
+        # K_A = R_B Q_A^{-1/2} R_B = t_SB (t_QA/√d_PA) X_SB X_QA X_SB.
+        ks = []
+        for g_p, x_s, t_s, x_q, t_q in (
+            (grams[i][2], x_sb, t_sb, x_qa, t_qa),
+            (grams[i][3], x_sa, t_sa, x_qb, t_qb),
         ):
             d = _max_diag(g_p)
-            inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0) / c_p
-            k_hat = _mm(x_s, _mm(x_q, x_s)) * (t_q * inv_sqrt_d)[..., None, None]
-            scale = (t_s / c_s)[..., None, None]
-            directions.append(_times(mu.astype(_F32), k_hat, rank_first) * scale)
-        out.append((directions[0], directions[1]))
+            inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
+            k = _mm(x_s, _mm(x_q, x_s)) * (t_q * inv_sqrt_d * t_s)[..., None, None]
+            ks.append(jnp.where(jnp.isfinite(k), k, 0.0))
+
+        flags = (p.a_rank_first, p.b_rank_first)
+
+        def fast_form(arrays, ks, dt=dtypes[i], flags=flags):
+            _, _, mu_a, mu_b = arrays
+            return (
+                _times(mu_a.astype(dt), ks[0], flags[0]),
+                _times(mu_b.astype(dt), ks[1], flags[1]),
+            )
+
+        def robust_form(arrays, ks, flags=flags):
+            del ks
+            return _robust_directions(FactorPair(*arrays, *flags))
+
+        out.append(jax.lax.cond(jnp.all(fast), fast_form, robust_form, _tall(p), ks))
     return out
 
 
+# ---------------------------------------------------------------- paper method
+
+
 def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
-    grams = _polar.scaled_grams(
-        [x for p in pairs for x in (p.a, p.b)],
-        [rf for p in pairs for rf in (p.a_rank_first, p.b_rank_first)],
+    # Inputs scaled to unit magnitude first (the direction is invariant to M's
+    # scale and R scales as 1/c), so no Gram under- or overflows.
+    scaled = [[_unit_scaled(x, _dtype(p)) for x in _tall(p)] for p in pairs]
+    roots = _batched(
+        lambda s: _polar.inverse_sqrt_normalized(s, "paper"),
+        [
+            _polar.gram(f, rank_first=rf)
+            for xs, p in zip(scaled, pairs, strict=True)
+            for (f, _), rf in zip(xs[:2], (p.a_rank_first, p.b_rank_first), strict=True)
+        ],
     )
-    factor_grams = [(grams[2 * i], grams[2 * i + 1]) for i in range(len(pairs))]
-    roots = _batched_inverse_sqrt([g for fg in factor_grams for g, _ in fg], "paper")
     out = []
     for i, p in enumerate(pairs):
-        (_, c_sa), (_, c_sb) = factor_grams[i]
+        (_, c_a), (_, c_b), (mu_a, _), (mu_b, _) = scaled[i]
         (x_sa, t_sa), (x_sb, t_sb) = roots[2 * i], roots[2 * i + 1]
         directions = []
         # msign(M R) R with R = (t/c) X: msign is scale invariant, so use X.
         # Rank-first (N, r, m) views hold Mᵀ: (msign(M R) R)ᵀ = R msign(R Mᵀ).
         for mu, rank_first, x_s, t_s, c_s in (
-            (p.mu_a, p.a_rank_first, x_sb, t_sb, c_sb),
-            (p.mu_b, p.b_rank_first, x_sa, t_sa, c_sa),
+            (mu_a, p.a_rank_first, x_sb, t_sb, c_b),
+            (mu_b, p.b_rank_first, x_sa, t_sa, c_a),
         ):
-            mu = mu.astype(_F32)
             if rank_first:
                 u = _mm(x_s, _polar.matrix_sign(_mm(x_s, mu)))
             else:
@@ -195,7 +360,8 @@ def lora_muon_directions(
       method: ``"gram"`` or ``"paper"``.
 
     Returns:
-      ``(U_A, U_B)`` per pair, float32, in the views' shapes and orientations.
+      ``(U_A, U_B)`` per pair in the views' shapes and orientations, float32
+      (float64 where an input is float64).
     """
     check_method(method)
     return _DIRECTION_FNS[method](pairs)
@@ -213,7 +379,8 @@ def lora_muon_direction(
 
     ``U_A = msign(M_A R_B) R_B``, ``U_B = msign(M_B R_A) R_A`` with
     ``R_X = (XᵀX)^{-1/2}``; the paper's step is ``ΔA = -(η/2) U_A``,
-    ``ΔB = -(η/2) U_B``, and ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1``. A zero factor has
+    ``ΔB = -(η/2) U_B``, and ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1`` (never more than
+    1 + 1e-3; directions float32 cannot resolve shrink). A zero factor has
     inverse root 0 (with ``B = 0``, ``U_A = 0`` and ``U_B`` is well defined).
 
     Args:
@@ -224,7 +391,8 @@ def lora_muon_direction(
       method: ``"gram"`` (default) or ``"paper"``; see ``METHODS``.
 
     Returns:
-      ``(U_A, U_B)`` in float32 with the shapes of ``a`` and ``b``.
+      ``(U_A, U_B)`` with the shapes of ``a`` and ``b``, float32 (float64
+      where an input is float64).
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -71,32 +70,8 @@ GRAM_INV_SQRT_EPS = 1e-8
 # 1e8; diverged ones are O(1), inf or NaN.
 GRAM_INV_SQRT_FALLBACK_EPS = 1e-5
 GRAM_INV_SQRT_TOL = 1e-2
-
-# Numerical rank of factor Grams (gram method). A float32 Gram carries rounding
-# of ~1e-7·‖S‖, so eigenvalues below GRAM_RANK_TOL·‖S‖_F (factor singular values
-# below ~1e-3·σ_max) are treated as null directions: the factor's inverse root
-# becomes a pseudo-inverse root there (the spec's zero-Gram convention, extended
-# to rank-deficient factors). The projector onto the kept eigenvalues is
-# (I + sign(S/‖S‖_F − τI))/2, with the matrix sign by the odd-quintic steps below
-# (same derivation, lower end 5e-7; the tools script prints them with that
-# argument). It only runs, inside a lax.cond, when some Gram needs it.
-GRAM_RANK_TOL = 1e-6
-GRAM_SIGN_LOWER = 5e-7
-GRAM_SIGN_COEFFS: tuple[tuple[float, float, float], ...] = (
-    (4.214999178568934, -12.26909290334469, 8.928277627946079),
-    (4.214992918642084, -12.269041213083367, 8.928232971853769),
-    (4.214966533028454, -12.26882334005902, 8.928044747844805),
-    (4.214855317372814, -12.267905031408784, 8.927251409561912),
-    (4.214386538593805, -12.264034828576719, 8.923907952207772),
-    (4.212410555156177, -12.247730274331719, 8.909823543338643),
-    (4.204080543519208, -12.17915646507612, 8.850605886485035),
-    (4.168961341670202, -11.892886187993042, 8.60372512748869),
-    (4.021733400631927, -10.74190375850636, 7.616904756422574),
-    (3.4608064505814284, -7.039559553578145, 4.526551132476059),
-    (2.357935404144823, -2.420259351845116, 1.062323947700293),
-    (1.8894383769322454, -1.2790440086274242, 0.3896056316951788),
-    (1.8750937602226676, -1.2501875274786893, 0.3750937672560217),
-)
+# Newton polish of the converged root on matrices with tr(P̂^{-1}) below this.
+POLISH_MAX_TRACE = 100.0
 
 InverseSqrtMethod = Literal["gram", "paper"]
 _INV_SQRT_METHODS: dict[str, str] = {
@@ -108,7 +83,20 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 # A Gram whose largest diagonal entry is below float32's smallest normal number
 # is treated as exactly zero (its factor underflows when squared): inverse root 0.
+# (XLA on CPU flushes subnormal numbers to zero anyway.)
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def compute_dtype(*dtypes: object) -> jnp.dtype:
+    """float64 if any input is float64 (x64 mode), else float32: the math's dtype."""
+    if any(jnp.dtype(d) == jnp.float64 for d in dtypes):  # type: ignore[arg-type]
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def tiny(dtype: object) -> float:
+    """Smallest normal number of ``dtype``: below it XLA flushes values to zero."""
+    return float(jnp.finfo(dtype).tiny)  # type: ignore[arg-type]
 
 
 def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -149,10 +137,11 @@ def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
 
 
 def gram(x: jax.Array, *, rank_first: bool = False) -> jax.Array:
-    """The r×r Gram in float32: ``xᵀx`` of (..., m, r), or ``x xᵀ`` of (..., r, m).
+    """The r×r Gram in the compute dtype: ``xᵀx`` of (..., m, r), or ``x xᵀ`` of (..., r, m).
 
-    A tall axis sharded over a mesh becomes partial sums and one r×r
-    all-reduce; on explicit meshes the output is r×r-replicated.
+    float32 for float32/bfloat16/float16 inputs, float64 for float64. A tall
+    axis sharded over a mesh becomes partial sums and one r×r all-reduce; on
+    explicit meshes the output is r×r-replicated.
     """
     spec = "...rm,...sm->...rs" if rank_first else "...mr,...ms->...rs"
     return jnp.einsum(
@@ -160,46 +149,20 @@ def gram(x: jax.Array, *, rank_first: bool = False) -> jax.Array:
         x,
         x,
         precision=_HIGHEST,
-        preferred_element_type=_F32,
+        preferred_element_type=compute_dtype(x.dtype),
         out_sharding=_gram_out_sharding(x),
     )
 
 
-def scaled_grams(
-    xs: Sequence[jax.Array], rank_first: Sequence[bool]
-) -> list[tuple[jax.Array, jax.Array]]:
-    """Overflow-safe Grams: ``Gram(x) = c² · G`` with G finite and c >= 1 of shape (...).
-
-    Plain float32 Grams (c = 1) unless one of them is not finite (factor
-    entries beyond ~1e19); then, inside one ``lax.cond`` for the whole list,
-    every Gram is recomputed from ``x / max|x|``.
-    """
-    grams = [gram(x, rank_first=rf) for x, rf in zip(xs, rank_first, strict=True)]
-    ones = [jnp.ones(g.shape[:-2], _F32) for g in grams]
-    all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grams]))
-
-    def _rescaled(_: None) -> tuple[list[jax.Array], list[jax.Array]]:
-        out_g, out_c = [], []
-        for x, rf in zip(xs, rank_first, strict=True):
-            c = jnp.max(jnp.abs(x.astype(_F32)), axis=(-2, -1))
-            c = jnp.where(c >= 1.0, c, 1.0)
-            out_g.append(gram(x / c[..., None, None].astype(x.dtype), rank_first=rf))
-            out_c.append(c)
-        return out_g, out_c
-
-    grams, scales = jax.lax.cond(all_finite, lambda _: (grams, ones), _rescaled, None)
-    return list(zip(grams, scales, strict=True))
-
-
-def _coeff_table(coeffs: tuple[tuple[float, float, float], ...]) -> jax.Array:
-    return jnp.asarray(coeffs, dtype=_F32)
+def _coeff_table(coeffs: tuple[tuple[float, float, float], ...], dtype: object) -> jax.Array:
+    return jnp.asarray(coeffs, dtype=dtype)  # type: ignore[arg-type]
 
 
 def _paper_iteration(p0: jax.Array) -> jax.Array:
     """Paper Table 2: ``W = (a/γ)I + (b/γ³)P + (c/γ⁵)P²; X ← XW; P ← sym(P W²)``."""
     eye = _eye_like(p0)
     g = PAPER_INV_SQRT_GAMMA
-    table = _coeff_table(PAPER_INV_SQRT_COEFFS) / jnp.asarray([[g, g**3, g**5]], _F32)
+    table = _coeff_table(PAPER_INV_SQRT_COEFFS, p0.dtype) / jnp.asarray([[g, g**3, g**5]], p0.dtype)
 
     def body(carry: tuple[jax.Array, jax.Array], abc: jax.Array):
         x, pk = carry
@@ -210,7 +173,7 @@ def _paper_iteration(p0: jax.Array) -> jax.Array:
     return _sym(x)
 
 
-def _yz_iteration(p0: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _yz_iteration(p0: jax.Array, polish: bool = False) -> tuple[jax.Array, jax.Array]:
     """``M = Z Y; W = aI + bM + cM²; Y ← Y W; Z ← W Z`` (Y → P₀^{1/2}, Z → P₀^{-1/2}).
 
     The two-sided coupled form (Higham 1997) stays stable under the large
@@ -225,26 +188,67 @@ def _yz_iteration(p0: jax.Array) -> tuple[jax.Array, jax.Array]:
         w = abc[0] * eye + abc[1] * m + abc[2] * _mm(m, m)
         return (_mm(y, w), _mm(w, z)), None
 
-    (y, z), _ = jax.lax.scan(body, (p0, eye), _coeff_table(GRAM_INV_SQRT_COEFFS))
+    table = _coeff_table(GRAM_INV_SQRT_COEFFS, p0.dtype)
+    (y, z), _ = jax.lax.scan(body, (p0, eye), table)
     # A sum (not a max: XLA's max-reduce can drop NaN) so a NaN fails the check.
     residual = jnp.sum(jnp.abs(_mm(z, y) - eye), axis=(-2, -1)) / p0.shape[-1]
-    return _sym(z), residual
+    z = _sym(z)
+    if polish:
+        # One Newton step on P₀ itself, Z ← Z (3I − Z P₀ Z) / 2, removes most of
+        # the rounding the coupled products accumulate (1e-5 → 4e-7 at κ = 10,
+        # r = 8). Only on well-conditioned matrices (‖Z‖_F² = Σ 1/λ̂ <= 100): on
+        # ill-conditioned ones the product Z P₀ Z adds more rounding than it removes.
+        polished = _sym(_mm(z, 1.5 * eye - 0.5 * _mm(z, _mm(p0, z))))
+        well = jnp.sum(z * z, axis=(-2, -1)) <= POLISH_MAX_TRACE
+        z = jnp.where(well[..., None, None], polished, z)
+    return z, residual
 
 
-def _symmetric_sign(y: jax.Array) -> jax.Array:
-    """sign(Y) of a symmetric Y with eigenvalues in [-1, 1.01]: ``Y ← Y (a + b Y² + c Y⁴)``."""
-    eye = _eye_like(y)
+def normalize_psd(p: jax.Array, *, sharp: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``P = t · P̂`` with ``λ_max(P̂) <= 1``, computed without overflow.
 
-    def body(y: jax.Array, abc: jax.Array):
-        y2 = _mm(y, y)
-        return _sym(_mm(y, abc[0] * eye + abc[1] * y2 + abc[2] * _mm(y2, y2))), None
+    ``t = ‖P‖_F`` (within √r of λ_max), or with ``sharp`` the tighter bound
+    ``‖P⁴‖_F^{1/4}`` (within r^{1/8}; two more r×r products). Returns
+    ``(P̂, t, is_zero)``; a numerically zero P (largest diagonal entry below
+    the dtype's smallest normal number) gives ``P̂ = 0, t = 0``.
+    """
+    p = p.astype(compute_dtype(p.dtype))
+    diag_max = jnp.max(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
+    is_zero = ~(diag_max >= tiny(p.dtype))  # zero, subnormal (flushed) or NaN-free empty
+    safe_diag = jnp.where(is_zero, 1.0, diag_max)
+    p = p / safe_diag[..., None, None]  # |p_ij| <= 1: the norms cannot overflow
+    if sharp:
+        p2 = _mm(p, p)
+        norm = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(_mm(p2, p2) ** 2, axis=(-2, -1)))))
+    else:
+        norm = jnp.sqrt(jnp.sum(p * p, axis=(-2, -1)))
+    norm = jnp.where(is_zero, 1.0, norm)
+    p_hat = jnp.where(is_zero[..., None, None], 0.0, p / norm[..., None, None])
+    return p_hat, jnp.where(is_zero, 0.0, safe_diag * norm), is_zero
 
-    y, _ = jax.lax.scan(body, y, _coeff_table(GRAM_SIGN_COEFFS))
-    return y
+
+def damped_inverse_sqrt(p_hat: jax.Array, eps: float, *, polish: bool = False) -> jax.Array:
+    """``Z ≈ (P̂ + εI)^{-1/2}`` for ``‖P̂‖_F <= 1`` (the gram schedule, with a safe retry).
+
+    A matrix whose coupled iteration fails its residual check (float32
+    rounding can make a numerically singular Gram slightly indefinite) is
+    recomputed with damping ``max(ε, 1e-5)`` inside a ``lax.cond``; anything
+    still non-finite becomes 0, so no NaN leaves a finite input.
+    """
+    eye = _eye_like(p_hat)
+    z, residual = _yz_iteration(p_hat + eps * eye, polish)
+    failed = ~(residual <= GRAM_INV_SQRT_TOL) & (jnp.sum(jnp.abs(p_hat), axis=(-2, -1)) > 0)
+
+    def _retry(z: jax.Array) -> jax.Array:
+        z_safe, _ = _yz_iteration(p_hat + max(eps, GRAM_INV_SQRT_FALLBACK_EPS) * eye, polish)
+        z_safe = jnp.where(jnp.isfinite(z_safe), z_safe, 0.0)
+        return jnp.where(failed[..., None, None], z_safe, z)
+
+    return jax.lax.cond(jnp.any(failed), _retry, lambda z: z, z)
 
 
 def inverse_sqrt_normalized(
-    p: jax.Array, method: InverseSqrtMethod = "gram", *, pseudo: bool = False
+    p: jax.Array, method: InverseSqrtMethod = "gram", *, eps: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Matmul-only inverse square root, split as ``P^{-1/2} ≈ scale · X``.
 
@@ -256,46 +260,47 @@ def inverse_sqrt_normalized(
     Args:
       p: symmetric positive semi-definite, shape (..., r, r), any float dtype.
       method: ``"gram"`` or ``"paper"`` (see ``_INV_SQRT_METHODS``).
-      pseudo: (gram only) pseudo-inverse root: directions with eigenvalues
-        below ``GRAM_RANK_TOL·‖P‖_F`` get 0 instead of a huge ``ε^{-1/2}``.
+      eps: (gram only) damping relative to ``‖P‖_F``; default ``GRAM_INV_SQRT_EPS``.
 
     Returns:
-      ``(X, scale)`` with shapes (..., r, r) and (...), float32.
+      ``(X, scale)`` with shapes (..., r, r) and (...), in the compute dtype.
     """
-    p = p.astype(_F32)
-    diag_max = jnp.max(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
-    is_zero = ~(diag_max >= _TINY)  # zero, subnormal (underflowed) or NaN-free empty
-    safe_diag = jnp.where(is_zero, 1.0, diag_max)
-    p = p / safe_diag[..., None, None]  # |p_ij| <= 1: the norm cannot overflow
-    norm = jnp.where(is_zero, 1.0, jnp.sqrt(jnp.sum(p * p, axis=(-2, -1))))
-    p = p / norm[..., None, None]
-    eye = _eye_like(p)
+    p_hat, t, is_zero = normalize_psd(p)
     if method == "paper":
-        x = _paper_iteration(p + PAPER_INV_SQRT_EPS * eye)
+        x = _paper_iteration(p_hat + PAPER_INV_SQRT_EPS * _eye_like(p_hat))
     elif method == "gram":
-        x, residual = _yz_iteration(p + GRAM_INV_SQRT_EPS * eye)
-        failed = ~(residual <= GRAM_INV_SQRT_TOL) & ~is_zero
-        if pseudo:
-            # ‖X‖_F² = Σ 1/λ_i (eigenvalues of P/t): above 1/τ some λ_i < τ.
-            fix = (failed | ~(jnp.sum(x * x, axis=(-2, -1)) <= 1.0 / GRAM_RANK_TOL)) & ~is_zero
-        else:
-            fix = failed
-
-        def _refine(x: jax.Array) -> jax.Array:
-            x_safe, _ = _yz_iteration(p + GRAM_INV_SQRT_FALLBACK_EPS * eye)
-            x_new = jnp.where(failed[..., None, None], x_safe, x)
-            if pseudo:
-                projector = 0.5 * (eye + _symmetric_sign(p - GRAM_RANK_TOL * eye))
-                x_new = _sym(_mm(projector, _mm(x_new, projector)))
-            x_new = jnp.where(jnp.isfinite(x_new), x_new, 0.0)
-            return jnp.where(fix[..., None, None], x_new, x)
-
-        x = jax.lax.cond(jnp.any(fix), _refine, lambda x: x, x)
+        eps = GRAM_INV_SQRT_EPS if eps is None else eps
+        x = damped_inverse_sqrt(p_hat, eps, polish=eps >= GRAM_INV_SQRT_EPS)
     else:
         raise ValueError(f"method must be one of {sorted(_INV_SQRT_METHODS)}, got {method!r}")
     x = jnp.where(is_zero[..., None, None], 0.0, x)
-    scale = jnp.where(is_zero, 0.0, jax.lax.rsqrt(safe_diag * norm))
-    return x, scale
+    safe_t = jnp.where(is_zero, 1.0, t)
+    return x, jnp.where(is_zero, 0.0, jax.lax.rsqrt(safe_t))
+
+
+def contraction_filter(h: jax.Array, tau: float, power: int = 3) -> jax.Array:
+    r"""``F(H)`` with ``‖X F‖₂ <= 1`` for the Gram ``H = XᵀX``: a safe polar finish.
+
+    With ``H = t Ĥ`` (``λ_max(Ĥ) <= 1``, within r^{1/8}: ``normalize_psd``) and
+    ``Z = (Ĥ + τI)^{-1/2}``,
+    ``F = t^{-1/2} (I − τZ²)^k Z = t^{-1/2} Ĥ^k (Ĥ + τI)^{-k-1/2}`` (k = ``power``):
+    each singular value of ``X F`` is ``(ĥ / (ĥ + τ))^{k+1/2}`` for the
+    eigenvalue ĥ of Ĥ — ``1 − (k+½)τ/ĥ`` on resolved directions, about
+    ``(ĥ/τ)^{k+1/2}`` (rounding noise suppressed) below τ, and never above 1
+    while the Gram's rounding error stays below τ. ``I − τZ²`` has eigenvalues
+    ``ĥ/(ĥ+τ)`` in [0, 1], so forming it keeps the rounding of Z's large
+    entries out of the result.
+    """
+    h_hat, t, is_zero = normalize_psd(h, sharp=True)
+    z = damped_inverse_sqrt(h_hat, tau)
+    shrink = _sym(_eye_like(z) - tau * _mm(z, z))
+    f = z
+    for _ in range(power):
+        f = _mm(shrink, f)
+    # Not symmetrised: Z's rounding across resolved and null directions would
+    # enter the null rows of F, which a preceding whitener amplifies.
+    f = jnp.where(is_zero[..., None, None], 0.0, f)
+    return f * jnp.where(is_zero, 0.0, jax.lax.rsqrt(jnp.where(is_zero, 1.0, t)))[..., None, None]
 
 
 def inverse_sqrt(p: jax.Array, *, method: InverseSqrtMethod = "gram") -> jax.Array:
@@ -305,7 +310,7 @@ def inverse_sqrt(p: jax.Array, *, method: InverseSqrtMethod = "gram") -> jax.Arr
     two-sided coupled form (9 steps, damping 1e-8·‖P‖_F; as accurate as
     float32 ``eigh`` for κ(P) up to ~1e6);
     ``method="paper"`` the paper's Table 2 (7 steps, ε = 1e-5, γ = 1.001).
-    A numerically zero P (largest diagonal entry below float32's smallest
+    A numerically zero P (largest diagonal entry below the dtype's smallest
     normal number) has inverse root 0, the paper's convention.
 
     Args:
@@ -313,7 +318,7 @@ def inverse_sqrt(p: jax.Array, *, method: InverseSqrtMethod = "gram") -> jax.Arr
       method: ``"gram"`` or ``"paper"``.
 
     Returns:
-      ``P^{-1/2}`` of shape (..., r, r), float32.
+      ``P^{-1/2}`` of shape (..., r, r), float32 (float64 for float64 input).
 
     Example:
       >>> import jax.numpy as jnp
@@ -347,16 +352,16 @@ def matrix_sign(
       coeffs: one (a, b, c) row per step; default: the paper's Table 1 (8 steps).
 
     Returns:
-      The polar factor, shape (..., m, n), float32.
+      The polar factor, shape (..., m, n), float32 (float64 for float64 input).
     """
     if x.ndim < 2:
         raise ValueError(f"matrix_sign needs matrices (..., m, n), got {x.shape=}")
-    x = x.astype(_F32)
+    x = x.astype(compute_dtype(x.dtype))
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:
         x = _mT(x)
     amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-    x = x / jnp.where(amax > 0, amax, 1.0)  # the norm below cannot overflow
+    x = x / jnp.where(amax >= tiny(x.dtype), amax, 1.0)  # the norm below cannot overflow
     norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
     x = x / jnp.where(norm > 0, norm, 1.0)
 
@@ -364,5 +369,5 @@ def matrix_sign(
         u = gram(x, rank_first=True)  # x xᵀ, r×r (one all-reduce if m is sharded)
         return abc[0] * x + _mm(abc[1] * u + abc[2] * _mm(u, u), x), None
 
-    x, _ = jax.lax.scan(body, x, _coeff_table(coeffs))
+    x, _ = jax.lax.scan(body, x, _coeff_table(coeffs, x.dtype))
     return _mT(x) if transpose else x
