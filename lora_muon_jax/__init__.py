@@ -7,7 +7,8 @@ Public surface, in three tiers:
 * the optimizer: ``lora_muon(learning_rate, ...)``;
 
 plus factor-pair discovery: ``find_lora_pairs``, ``lora_param_labels``,
-``default_pair_rule``, ``LoraDimensionNumbers``, ``LoraPair``.
+``default_pair_rule``, ``LoraDimensionNumbers``, ``LoraPair``, and
+``pair_diagnostics`` (condition numbers, balance and step stable rank to log).
 
 The core imports only jax and optax.
 """
@@ -28,6 +29,7 @@ from lora_muon_jax._pairs import (
     lora_param_labels,
 )
 from lora_muon_jax._polar import inverse_sqrt, matrix_sign
+from lora_muon_jax.diagnostics import PairDiagnostics, pair_diagnostics
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = [
     "LoraDimensionNumbers",
     "LoraPair",
     "Method",
+    "PairDiagnostics",
     "ScaleByLoraMuonState",
     "ScaleBySplitWeightDecayState",
     "default_pair_rule",
@@ -46,6 +49,7 @@ __all__ = [
     "lora_muon_directions",
     "lora_param_labels",
     "matrix_sign",
+    "pair_diagnostics",
     "scale_by_lora_muon",
     "scale_by_split_weight_decay",
 ]

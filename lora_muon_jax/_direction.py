@@ -84,11 +84,9 @@ FAST_RANGE_EXPONENT = 0.8
 # the smallest singular values ~1300×, the float32 rounding floor of a
 # rank-deficient M R stays below the polar filter's τ).
 ROBUST_FACTOR_SHIFTS = (1e-2, 1e-2, 1e-2)
-ROBUST_FACTOR_TAU = 3e-6
-ROBUST_FACTOR_POWER = 5
-ROBUST_POLAR_TAU = 5e-6
-ROBUST_POLAR_POWER = 5
-ROBUST_NEWTON_SCHULZ = _polar.GRAM_INV_SQRT_COEFFS[:7]
+ROBUST_FACTOR_TAU = 1e-5
+ROBUST_POLAR_TAU = 1e-5
+ROBUST_NEWTON_SCHULZ = _polar.GRAM_INV_SQRT_COEFFS[:4]
 
 
 class FactorPair(NamedTuple):
@@ -161,12 +159,18 @@ def _max_diag(g: jax.Array) -> jax.Array:
     return jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
 
 
-def _in_range(g: jax.Array) -> jax.Array:
-    """Per matrix: finite, and zero or with its largest diagonal entry in the fast range."""
+def _in_range(g: jax.Array, x: jax.Array) -> jax.Array:
+    """Per matrix: the Gram g of x is finite, and x is zero or g's diagonal in the fast range.
+
+    A zero Gram of a nonzero x (entries below ~1e-19 in float32 underflow when
+    squared) is out of range: the robust form rescales x first.
+    """
     lo = _polar.tiny(g.dtype) ** FAST_RANGE_EXPONENT
     d = _max_diag(g)
     finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-    return finite & ((d == 0) | ((d >= lo) & (d <= 1.0 / lo)))
+    # A sum (not a max): on a mesh its partial sums join the Grams' one all-reduce.
+    x_is_zero = ~(jnp.sum(jnp.abs(x), axis=(-2, -1), dtype=g.dtype) > 0)
+    return finite & ((x_is_zero & (d == 0)) | ((d >= lo) & (d <= 1.0 / lo)))
 
 
 def _inverse_eigenvalue_bound(z: jax.Array) -> jax.Array:
@@ -208,10 +212,10 @@ def _whitener(f: jax.Array, rank_first: bool) -> jax.Array:
         q = _times(q, r, rank_first)
         l = r if l is None else _mm(l, r)
     assert l is not None
-    f_last = _polar.contraction_filter(
-        _polar.gram(q, rank_first=rank_first), ROBUST_FACTOR_TAU, ROBUST_FACTOR_POWER
-    )
-    return _mm(l, f_last)
+    f = _polar.polar_finish(_polar.gram(q, rank_first=rank_first), ROBUST_FACTOR_TAU)
+    # Certify on the Gram of the f L actually formed: ‖f L‖₂ <= 1.
+    y = _times(q, f, rank_first)
+    return _mm(_mm(l, f), _polar.isometry_certificate(_polar.gram(y, rank_first=rank_first)))
 
 
 def _robust_polar(mu: jax.Array, rank_first: bool, l: jax.Array) -> jax.Array:
@@ -224,10 +228,10 @@ def _robust_polar(mu: jax.Array, rank_first: bool, l: jax.Array) -> jax.Array:
     for a, b, c in ROBUST_NEWTON_SCHULZ:  # σ ↦ aσ + bσ³ + cσ⁵ on X's singular values
         h = _polar.gram(x, rank_first=rank_first)
         x = _times(x, a * eye + b * h + c * _mm(h, h), rank_first)
-    f = _polar.contraction_filter(
-        _polar.gram(x, rank_first=rank_first), ROBUST_POLAR_TAU, ROBUST_POLAR_POWER
-    )
-    return _times(x, _mm(f, _polar._mT(l)), rank_first)
+    f = _polar.polar_finish(_polar.gram(x, rank_first=rank_first), ROBUST_POLAR_TAU)
+    y = _times(x, f, rank_first)
+    c = _polar.isometry_certificate(_polar.gram(y, rank_first=rank_first))
+    return _times(y, _mm(c, _polar._mT(l)), rank_first)
 
 
 def _robust_directions(p: FactorPair) -> tuple[jax.Array, jax.Array]:
@@ -279,7 +283,9 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         (x_sa, t_sa, e_sa), (x_sb, t_sb, e_sb) = roots_s[2 * i], roots_s[2 * i + 1]
         (x_qa, t_qa, e_qa), (x_qb, t_qb, e_qb) = roots_q[2 * i], roots_q[2 * i + 1]
         bound = FAST_MAX_INVERSE_EIGENVALUE
-        fast = jnp.all(jnp.stack([_in_range(g) for g in grams[i]]), axis=0)
+        fast = jnp.all(
+            jnp.stack([_in_range(g, x) for g, x in zip(grams[i], _tall(p), strict=True)]), axis=0
+        )
         for e in (e_sa, e_sb, e_qa, e_qb):
             fast = fast & (e <= bound)
         # K_A = R_B Q_A^{-1/2} R_B = t_SB (t_QA/√d_PA) X_SB X_QA X_SB.

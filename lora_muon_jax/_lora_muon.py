@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _direction, _pairs, _rebalance
+from lora_muon_jax import _direction, _pairs, _polar, _rebalance
 from lora_muon_jax._direction import Method
 from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
 
@@ -190,7 +190,11 @@ def scale_by_lora_muon(
         ``f(pair_name, a_shape, b_shape)``; see ``find_lora_pairs``.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
+      ``params``. Its updates are in float32 (float64 for float64 factors),
+      whatever the factors' dtype: a unit direction can overflow float16
+      where ``η·D`` does not. ``scale_by_split_weight_decay`` (or
+      ``optax.apply_updates``) casts back after scaling.
     """
     _direction.check_method(method)
     rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
@@ -245,8 +249,12 @@ def scale_by_lora_muon(
         for p, (u_a, u_b) in zip(pairs, directions, strict=True):
             half = 0.5 / _pair_scale(lora_scale, p.name)
             for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
-                u = _pairs.from_matrix_view(u * half, p, role)  # type: ignore[arg-type]
-                out[index] = u.astype(grads[index].dtype)
+                u = _pairs.from_matrix_view(u * half.astype(u.dtype), p, role)  # type: ignore[arg-type]
+                # The unit direction stays in the compute dtype (float32 for
+                # half-precision factors): it can exceed float16's range where
+                # η·D does not, so the cast to the parameters' dtype comes
+                # after the learning rate (scale_by_split_weight_decay).
+                out[index] = u.astype(_polar.compute_dtype(grads[index].dtype))
         new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]
         return (
             jax.tree_util.tree_unflatten(treedef, out),
@@ -302,7 +310,10 @@ def scale_by_split_weight_decay(
         decay_coeff = -decay_fraction / (1.0 + s)
 
         def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
-            return (step_coeff * d.astype(_F32) + decay_coeff * p.astype(_F32)).astype(d.dtype)
+            # η scales the direction before the cast to the parameters' dtype.
+            dt = _polar.compute_dtype(d.dtype, p.dtype)
+            step = step_coeff.astype(dt) * d.astype(dt) + decay_coeff.astype(dt) * p.astype(dt)
+            return step.astype(p.dtype)
 
         new_updates = jax.tree.map(leaf, updates, params)
         return new_updates, ScaleBySplitWeightDecayState(_increment(state.count))
@@ -384,8 +395,10 @@ def lora_muon(
       momentum: EMA rate β.
       nesterov: Nesterov momentum.
       weight_decay: λ, applied with the split rule; λη < 1.
-      method: ``"gram"`` (default, fast) or ``"paper"`` (Algorithm 1 with the
-        paper's Tables 1–2); see ``lora_muon_jax.METHODS``.
+      method: ``"gram"`` (default: the Gram form where an r×r bound says it
+        is exact, a robust matmul-only form elsewhere; each half ≤ η/2·(1 + 1e-3)
+        always, docs/numerics.md) or ``"paper"`` (Algorithm 1 with the paper's
+        Tables 1–2); see ``lora_muon_jax.METHODS``.
       mu_dtype: momentum dtype (default: the parameters' dtype); math is float32.
       lora_scale: α, a number or ``f(pair_name) -> float``.
       pair_rule: how factors are paired (default ``default_pair_rule``).

@@ -73,6 +73,7 @@ GRAM_INV_SQRT_TOL = 1e-2
 # Newton polish of the converged root on matrices with tr(P̂^{-1}) below this.
 POLISH_MAX_TRACE = 100.0
 
+
 InverseSqrtMethod = Literal["gram", "paper"]
 _INV_SQRT_METHODS: dict[str, str] = {
     "gram": "Y–Z coupled Polar-Express iteration, 9 steps, ε = 1e-8 (fallback 1e-5)",
@@ -301,6 +302,56 @@ def contraction_filter(h: jax.Array, tau: float, power: int = 3) -> jax.Array:
     # enter the null rows of F, which a preceding whitener amplifies.
     f = jnp.where(is_zero[..., None, None], 0.0, f)
     return f * jnp.where(is_zero, 0.0, jax.lax.rsqrt(jnp.where(is_zero, 1.0, t)))[..., None, None]
+
+
+def polar_finish(h: jax.Array, tau: float, sharpen: int = 3) -> jax.Array:
+    r"""``F`` with ``X F`` the polar factor of X on its resolved directions, 0 on its noise.
+
+    ``H = XᵀX = t Ĥ`` (``normalize_psd(sharp=True)``), ``Z = (Ĥ + τI)^{-1/2}``:
+    ``Y = X Z t^{-1/2}`` has singular values ``σ = (ĥ/(ĥ+τ))^{1/2}`` — 1 − τ/2ĥ
+    where X is resolved, ~ (ĥ/τ)^{1/2} on rounding noise below τ. Then
+    ``sharpen`` times ``Y ← Y q(YᵀY)``, ``q(g) = (5 − 3g)/2 ·g``, i.e.
+    ``σ ↦ (5σ³ − 3σ⁵)/2``: 1 stays 1 with zero slope (so the τ shrink and
+    rounding near 1 vanish to second order), small σ are cubed away, and no
+    σ <= 1.29 maps above 1. All of it is r×r: ``YᵀY = I − τZ²`` exactly, so
+    ``F = Φ(I − τZ²) Z t^{-1/2}`` with Φ the composed polynomial — Φ on the
+    left keeps F's rows along noise directions at rounding level, not τ^{-1/2}.
+    Not a bound by itself: ``isometry_certificate`` on the Gram of ``X F`` is.
+    """
+    h_hat, t, is_zero = normalize_psd(h, sharp=True)
+    z = damped_inverse_sqrt(h_hat, tau)
+    eye = _eye_like(z)
+    g = _sym(eye - tau * _mm(z, z))  # YᵀY, eigenvalues ĥ/(ĥ+τ) in [0, 1]
+    phi = eye
+    for _ in range(sharpen):
+        q = _mm(g, 2.5 * eye - 1.5 * g)  # (5g − 3g²)/2
+        phi = _mm(q, phi)
+        g = _sym(_mm(q, _mm(g, q)))
+    # g's eigenvalues leave [0, 1] only if rounding made Ĥ + τI nearly singular
+    # (an eigenvalue of Ĥ near −τ); q would then grow without bound. Such a
+    # matrix keeps Φ = I: Y is then merely not sharpened.
+    tame = jnp.all(jnp.isfinite(phi), axis=(-2, -1)) & (jnp.max(jnp.abs(phi), axis=(-2, -1)) <= 4.0)
+    phi = jnp.where(tame[..., None, None], phi, eye)
+    f = jnp.where(is_zero[..., None, None], 0.0, _mm(phi, z))
+    return f * jnp.where(is_zero, 0.0, jax.lax.rsqrt(jnp.where(is_zero, 1.0, t)))[..., None, None]
+
+
+def isometry_certificate(g: jax.Array, steps: int = 2) -> jax.Array:
+    r"""``C`` with ``‖Y C‖₂ <= 1`` from the *computed* Gram ``G = YᵀY`` of a near-isometry Y.
+
+    ``steps`` Newton–Schulz steps ``Y ← Y (3I − YᵀY)/2``, i.e. σ ↦ σ(3 − σ²)/2:
+    every σ in [0, √3] maps into [0, 1], 1 is fixed with zero slope (σ = 1 ± ε
+    goes to 1 − 1.5ε², so what an earlier stage left is squashed, never
+    amplified). Because G is the Gram of the Y that was actually formed, the
+    bound holds up to the rounding of ``Y C`` itself.
+    """
+    eye = _eye_like(g)
+    c = eye
+    for _ in range(steps):
+        q = 1.5 * eye - 0.5 * g
+        c = _mm(c, q)
+        g = _sym(_mm(q, _mm(g, q)))
+    return c
 
 
 def inverse_sqrt(p: jax.Array, *, method: InverseSqrtMethod = "gram") -> jax.Array:

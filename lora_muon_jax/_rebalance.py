@@ -118,7 +118,7 @@ def with_gauge_rebalancing(
                 moved = _scale(step, p, role, factor_scale) + _scale(
                     param, p, role, factor_scale - 1.0
                 )
-                out[index] = moved.astype(steps[index].dtype)
+                out[index] = moved.astype(factors[index].dtype)
                 new_mus[index] = _scale(mus[index], p, role, mu_scale).astype(mus[index].dtype)
         new_mu_tree = jax.tree_util.tree_unflatten(treedef, new_mus)
         new_state = (muon_state._replace(mu=new_mu_tree), *cast(tuple, new_state)[1:])

@@ -218,8 +218,10 @@ def assert_only_rxr_all_reduces(
     every_step = [c for c in collectives if not c.conditional]
     assert len(every_step) == groups, every_step
     assert not any(c.in_loop for c in every_step)  # each runs once per step
-    # Exactly the Grams: grams_per_pair r×r float32 matrices per adapter, nothing else.
-    assert sum(c.nbytes for c in every_step) == pairs * grams_per_pair * R * R * 4
+    # Exactly the Grams — grams_per_pair r×r float32 matrices per adapter — and, fused into
+    # the same all-reduce, one float32 Σ|x| per sharded tall array (the fast form's check
+    # that a zero Gram comes from a zero array, not from underflow), nothing else.
+    assert sum(c.nbytes for c in every_step) == pairs * grams_per_pair * (R * R + 1) * 4
 
 
 def test_paper_method_sharded_equals_unsharded() -> None:

@@ -1,8 +1,8 @@
 """Derive the per-step coefficients of the Gram-form inverse square root.
 
 Run:  python tools/derive_inverse_sqrt_coefficients.py [LOWER]   (CPU, < 1 s)
-Prints `lora_muon_jax._polar.GRAM_INV_SQRT_COEFFS` (LOWER = 1e-4, default) or
-`GRAM_SIGN_COEFFS` (LOWER = 5e-7); tests/test_polar.py re-derives both.
+Prints `lora_muon_jax._polar.GRAM_INV_SQRT_COEFFS` (LOWER = 1e-4, default; its first four
+steps are also the robust form's tall Newton–Schulz steps); tests/test_polar.py re-derives it.
 
 The coupled iteration `W = a I + b P + c P²; X ← X W; P ← P W²` acts on each
 eigenvalue p of P as `σ ↦ σ (a + b σ² + c σ⁴)` on σ = √p, so one step is an odd
@@ -58,7 +58,7 @@ def inverse_sqrt_schedule(lower: float) -> list[tuple[float, float, float]]:
 if __name__ == "__main__":
     import sys
 
-    # 1e-4: GRAM_INV_SQRT_COEFFS; 5e-7: GRAM_SIGN_COEFFS.
+    # 1e-4: GRAM_INV_SQRT_COEFFS.
     lower = float(sys.argv[1]) if len(sys.argv) > 1 else 1e-4
     for a, b, c in inverse_sqrt_schedule(lower):
         print(f"    ({a!r}, {b!r}, {c!r}),")
