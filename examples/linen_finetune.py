@@ -14,7 +14,7 @@ Expected: pretrained model: eval loss A 0.175, B 1.277. After 300 finetuning ste
           overfit); LoRA-Muon is flat over its grid. Merged == adapted.
 
 Workflow with this package's Linen layers: the same model class builds ``nn.Dense``
-(pretraining) or ``LoraDense`` (finetuning) under ``nn.scan``; ``load_pretrained``
+(pretraining) or ``LoRADense`` (finetuning) under ``nn.scan``; ``load_pretrained``
 copies the pretrained tree into the LoRA tree, ``lora_labels`` + ``optax.partition``
 train only the factors (``optax.set_to_zero`` for the rest), ``lora_scale_fn`` declares
 each layer's α/r to ``lora_muon``, and ``merge_lora_params`` exports a tree the plain
@@ -35,7 +35,7 @@ import optax
 from tqdm import tqdm
 
 from lora_muon_jax import lora_muon
-from lora_muon_jax.flax.linen import LoraDense, lora_scale_fn
+from lora_muon_jax.flax.linen import LoRADense, lora_scale_fn
 from lora_muon_jax.flax.surgery import load_pretrained, lora_labels, merge_lora_params
 
 
@@ -49,7 +49,7 @@ class Block(nn.Module):
         if self.rank is None:
             dense = nn.Dense(self.width, name="mlp")
         else:
-            dense = LoraDense(self.width, rank=self.rank, alpha=self.alpha, name="mlp")
+            dense = LoRADense(self.width, rank=self.rank, alpha=self.alpha, name="mlp")
         return h + jnp.tanh(dense(nn.LayerNorm(name="norm")(h))), None
 
 
@@ -72,7 +72,7 @@ class Model(nn.Module):
         h, _ = stack(self.width, self.rank, self.alpha, name="blocks")(h, None)
         if self.rank is None:
             return nn.Dense(self.out, name="head")(h)
-        return LoraDense(self.out, rank=self.rank, alpha=self.alpha, name="head")(h)
+        return LoRADense(self.out, rank=self.rank, alpha=self.alpha, name="head")(h)
 
 
 def train(model, params, tx, x, y, steps: int, desc: str, quiet: bool):
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     base_a, base_b = eval_loss(pretrained, ya_eval), eval_loss(pretrained, yb_eval)
     print(f"pretrained on task A: eval loss A {base_a:.4f}, B {base_b:.4f}")
 
-    # 2. LoRA model: same names, LoraDense where the plain model has nn.Dense (not 'embed').
+    # 2. LoRA model: same names, LoRADense where the plain model has nn.Dense (not 'embed').
     lora_model = Model(width, depth, d_out, rank=args.rank, alpha=args.alpha)
     params = load_pretrained(jax.jit(lora_model.init)(jax.random.key(1), x)["params"], pretrained)
     lora_apply = jax.jit(lora_model.apply)

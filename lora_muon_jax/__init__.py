@@ -3,43 +3,59 @@
 Public surface, in three tiers:
 
 * pure array math: ``matrix_sign``, ``inverse_sqrt``, ``lora_muon_direction``;
-* transformations: ``scale_by_lora_muon``, ``scale_by_split_weight_decay``;
+* transformations: ``scale_by_lora_muon``, ``scale_by_split_weight_decay``,
+  ``with_gauge_rebalancing``; the shared skeleton ``scale_by_pair_direction`` that
+  every pair-aware optimizer of this package (``baselines``) is built on;
 * the optimizer: ``lora_muon(learning_rate, ...)``;
 
 plus factor-pair discovery: ``find_lora_pairs``, ``lora_param_labels``,
-``default_pair_rule``, ``LoraDimensionNumbers``, ``LoraPair``, and
+``default_pair_rule``, ``LoRADimensionNumbers``, ``LoRAPair``, and
 ``pair_diagnostics`` (condition numbers, balance and step stable rank to log).
 
 The core imports only jax and optax.
 """
 
-from lora_muon_jax._direction import METHODS, Method, lora_muon_direction, lora_muon_directions
+from lora_muon_jax import _deprecation
+from lora_muon_jax._base import DECAY_RULES, PairDirection, scale_by_pair_direction
+from lora_muon_jax._direction import (
+    METHODS,
+    FactorPair,
+    Method,
+    lora_muon_direction,
+    lora_muon_directions,
+)
 from lora_muon_jax._lora_muon import (
-    ScaleByLoraMuonState,
+    ScaleByLoRAMuonState,
     ScaleBySplitWeightDecayState,
     lora_muon,
     scale_by_lora_muon,
     scale_by_split_weight_decay,
 )
 from lora_muon_jax._pairs import (
-    LoraDimensionNumbers,
-    LoraPair,
+    LoRADimensionNumbers,
+    LoRAPair,
+    PairName,
     default_pair_rule,
     find_lora_pairs,
     lora_param_labels,
 )
 from lora_muon_jax._polar import inverse_sqrt, matrix_sign
+from lora_muon_jax._rebalance import with_gauge_rebalancing
 from lora_muon_jax.diagnostics import PairDiagnostics, pair_diagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DECAY_RULES",
     "METHODS",
-    "LoraDimensionNumbers",
-    "LoraPair",
+    "FactorPair",
+    "LoRADimensionNumbers",
+    "LoRAPair",
     "Method",
     "PairDiagnostics",
-    "ScaleByLoraMuonState",
+    "PairDirection",
+    "PairName",
+    "ScaleByLoRAMuonState",
     "ScaleBySplitWeightDecayState",
     "default_pair_rule",
     "find_lora_pairs",
@@ -51,5 +67,16 @@ __all__ = [
     "matrix_sign",
     "pair_diagnostics",
     "scale_by_lora_muon",
+    "scale_by_pair_direction",
     "scale_by_split_weight_decay",
+    "with_gauge_rebalancing",
 ]
+
+__getattr__ = _deprecation.renamed(
+    __name__,
+    {
+        "LoraPair": ("LoRAPair", LoRAPair),
+        "LoraDimensionNumbers": ("LoRADimensionNumbers", LoRADimensionNumbers),
+        "ScaleByLoraMuonState": ("ScaleByLoRAMuonState", ScaleByLoRAMuonState),
+    },
+)

@@ -48,7 +48,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _polar
+from lora_muon_jax import _polar, _stacking
 
 Method = Literal["gram", "paper"]
 # One registry: validates `method` everywhere and documents each value.
@@ -135,24 +135,11 @@ def _dtype(p: FactorPair) -> jnp.dtype:
 def _batched(
     fn: Callable[[jax.Array], tuple[jax.Array, ...]], mats: Sequence[jax.Array]
 ) -> list[tuple[jax.Array, ...]]:
-    """``fn`` on many (N_i, r_i, r_i) stacks, concatenated into one call per (r, dtype).
-
-    Grouped by sharding type too: concatenating differently sharded stacks is
-    refused on explicit meshes (Auto meshes report none).
-    """
-    out: list[tuple[jax.Array, ...] | None] = [None] * len(mats)
-    groups: dict[tuple[int, object, object], list[int]] = {}
-    for i, m in enumerate(mats):
-        key = (m.shape[-1], m.dtype, getattr(jax.typeof(m), "sharding", None))
-        groups.setdefault(key, []).append(i)
-    for idx in groups.values():
-        results = fn(jnp.concatenate([mats[i] for i in idx], axis=0))
-        lo = 0
-        for i in idx:
-            hi = lo + mats[i].shape[0]
-            out[i] = tuple(r[lo:hi] for r in results)
-            lo = hi
-    return [o for o in out if o is not None]
+    """``fn`` on many (N_i, r_i, r_i) stacks: one call per (r, dtype, sharding)."""
+    stacked = _stacking.Stacked(
+        mats, lambda m: (m,), lambda m: (m.shape[-1], m.dtype, _stacking.sharding_of(m))
+    )
+    return stacked.split([fn(group[0]) for group in stacked.groups])
 
 
 def _max_diag(g: jax.Array) -> jax.Array:

@@ -23,25 +23,20 @@ Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _direction, _pairs, _polar, _rebalance
-from lora_muon_jax._direction import Method
-from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
+from lora_muon_jax import _base, _deprecation, _direction, _pairs, _rebalance, _stacking
+from lora_muon_jax._direction import FactorPair, Method
+from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
 
-_F32 = jnp.float32
-# Under a schedule λη cannot be checked when the optimizer is built; at run time
-# it is clipped to this so s = √(1 − λη) stays positive (static values must be < 1).
-_MAX_DECAY_FRACTION = 1.0 - 1e-6
-
-LoraScale = float | jax.Array | Callable[[str], float]
+LoRAScale = float | jax.Array | Callable[[str], float]
 
 
-class ScaleByLoraMuonState(NamedTuple):
+class ScaleByLoRAMuonState(NamedTuple):
     """State of ``scale_by_lora_muon``: one momentum per factor, no second moments."""
 
     count: jax.Array  # int32[], number of updates so far
@@ -54,99 +49,67 @@ class ScaleBySplitWeightDecayState(NamedTuple):
     count: jax.Array  # int32[], step index for the learning-rate schedule
 
 
-def _f32(x: Any) -> jax.Array:
-    return jnp.asarray(x, dtype=_F32)
+def _pair_scale(lora_scale: LoRAScale, pair: LoRAPair) -> jax.Array:
+    value = lora_scale(pair.name) if callable(lora_scale) else lora_scale
+    return jnp.asarray(value, jnp.float32)
 
 
-def _increment(count: jax.Array) -> jax.Array:
-    return jnp.asarray(optax.safe_increment(count))
-
-
-def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """η at step ``count`` as float32 (schedules are evaluated under standard promotion)."""
-    if callable(learning_rate):
-        # optax's schedules are not written for strict dtype promotion.
-        with jax.numpy_dtype_promotion("standard"):
-            return _f32(learning_rate(count))
-    return _f32(learning_rate)
-
-
-def _ema_momenta(
-    mus: list[jax.Array], grads: list[jax.Array], momentum: float | jax.Array
-) -> list[jax.Array]:
-    """``β M + (1 − β) G`` per leaf, in float32."""
-    beta = _f32(momentum)
-    return [
-        beta * m.astype(_F32) + (1.0 - beta) * g.astype(_F32)
-        for m, g in zip(mus, grads, strict=True)
-    ]
-
-
-def _resolve_all_pairs(
-    tree: Any, rule: PairRule, dimension_numbers: DimensionNumbersArg, where: str, hint: str
-) -> list[_pairs.LoraPair]:
-    """The tree's LoRA pairs; every leaf must belong to one (else ValueError naming them)."""
-    resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
-    if resolved.unpaired:
-        shown = ", ".join(resolved.unpaired[:5])
-        more = f" (and {len(resolved.unpaired) - 5} more)" if len(resolved.unpaired) > 5 else ""
-        raise ValueError(f"{where}: leaves that are not LoRA factors: {shown}{more}. {hint}")
-    return resolved.pairs
-
-
-def _no_params_error(what: str) -> ValueError:
-    return ValueError(
-        f"{what} needs the current parameters (the factors' Grams define the step) "
-        "but `params` is None: call `update(grads, state, params)`."
+def _stack_key(v: FactorPair) -> tuple[Any, ...]:
+    # Views of equal shapes, dtypes and shardings (and orientation) are stacked.
+    arrays = (v.a, v.b, v.mu_a, v.mu_b)
+    return (
+        *((x.shape[1:], x.dtype, _stacking.sharding_of(x)) for x in arrays),
+        v.a_rank_first,
+        v.b_rank_first,
     )
 
 
-def _pair_scale(lora_scale: LoraScale, name: str) -> jax.Array:
-    value = lora_scale(name) if callable(lora_scale) else lora_scale
-    return _f32(value)
+def _stacked_directions(views: list[FactorPair], method: Method) -> list[tuple[jax.Array, ...]]:
+    """Unit directions of every pair, equal-shape pairs concatenated along the batch axis.
 
-
-# Pairs whose views share shapes, orientations and dtypes are concatenated
-# along the batch axis so the compiled step has a fixed number of tall products
-# per distinct shape, not per adapter.
-_STACK_EQUAL_SHAPES = True
-
-
-def _stacked_directions(
-    views: list[_direction.FactorPair], method: Method
-) -> list[tuple[jax.Array, jax.Array]]:
-    if not _STACK_EQUAL_SHAPES:
-        return _direction.lora_muon_directions(views, method)
-    groups: dict[Any, list[int]] = {}
-    for i, v in enumerate(views):
-        # Stacking differently sharded arrays would gather them (Auto mesh) or
-        # fail (Explicit mesh): equal sharding is part of the key.
-        key = (
-            *(
-                (x.shape[1:], x.dtype, getattr(jax.typeof(x), "sharding", None))
-                for x in (v.a, v.b, v.mu_a, v.mu_b)
-            ),
-            v.a_rank_first,
-            v.b_rank_first,
-        )
-        groups.setdefault(key, []).append(i)
-    stacked = []
-    for idx in groups.values():
-        a, b, mu_a, mu_b = (jnp.concatenate([views[i][f] for i in idx]) for f in range(4))
-        v0 = views[idx[0]]
-        stacked.append(_direction.FactorPair(a, b, mu_a, mu_b, v0.a_rank_first, v0.b_rank_first))
-    results = _direction.lora_muon_directions(stacked, method)
+    The compiled step then has a fixed number of tall products per distinct
+    shape, not per adapter.
+    """
+    stacked = _stacking.Stacked(views, lambda v: (v.a, v.b, v.mu_a, v.mu_b), _stack_key)
+    groups = [
+        FactorPair(a, b, mu_a, mu_b, v.a_rank_first, v.b_rank_first)
+        for (a, b, mu_a, mu_b), v in zip(stacked.groups, stacked.meta, strict=True)
+    ]
+    results = _direction.lora_muon_directions(groups, method)
     # Keep XLA from fusing every per-leaf tail (slice, scale, decay) into the
     # stacked products: without it compile time grows ~3x and nothing runs faster.
-    results = [jax.lax.optimization_barrier(r) for r in results]
-    out: list[Any] = [None] * len(views)
-    for idx, (u_a, u_b) in zip(groups.values(), results, strict=True):
-        bounds = [0]
-        for i in idx:
-            bounds.append(bounds[-1] + views[i].a.shape[0])
-        for j, i in enumerate(idx):
-            out[i] = (u_a[bounds[j] : bounds[j + 1]], u_b[bounds[j] : bounds[j + 1]])
-    return out
+    return stacked.split([jax.lax.optimization_barrier(r) for r in results])
+
+
+def _lora_muon_pair_directions(method: Method, lora_scale: LoRAScale) -> _base.PairDirection:
+    """The LoRA-Muon rule for ``scale_by_pair_direction``: ``D = msign(M R) R / (2α)``."""
+
+    def direction(
+        pairs: list[LoRAPair],
+        factors: list[jax.Array],
+        momenta: list[jax.Array],
+        extra: tuple[Any, ...],
+    ) -> tuple[dict[int, jax.Array], tuple[Any, ...]]:
+        def view(p: LoRAPair) -> FactorPair:
+            a, a_rank_first = _pairs.to_matrix_view(factors[p.a_index], p, "a")
+            b, b_rank_first = _pairs.to_matrix_view(factors[p.b_index], p, "b")
+            mu_a, _ = _pairs.to_matrix_view(momenta[p.a_index], p, "a")
+            mu_b, _ = _pairs.to_matrix_view(momenta[p.b_index], p, "b")
+            return FactorPair(a, b, mu_a, mu_b, a_rank_first, b_rank_first)
+
+        out: dict[int, jax.Array] = {}
+        for p, (u_a, u_b) in zip(
+            pairs, _stacked_directions([view(p) for p in pairs], method), strict=True
+        ):
+            half = 0.5 / _pair_scale(lora_scale, p)
+            for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
+                # The unit direction stays in the compute dtype (float32 for
+                # half-precision factors): it can exceed float16's range where
+                # η·D does not, so the cast comes after the learning rate.
+                out[index] = _pairs.from_matrix_view(u * half.astype(u.dtype), p, role)  # type: ignore[arg-type]
+        return out, extra
+
+    return direction
 
 
 def scale_by_lora_muon(
@@ -155,7 +118,7 @@ def scale_by_lora_muon(
     nesterov: bool = False,
     method: Method = "gram",
     mu_dtype: Any = None,
-    lora_scale: LoraScale = 1.0,
+    lora_scale: LoRAScale = 1.0,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -186,7 +149,7 @@ def scale_by_lora_muon(
       pair_rule: ``f(path: tuple[str, ...]) -> (group, "a" | "b") | None``;
         ``None`` means ``default_pair_rule``. Under ``optax.inject_hyperparams``
         name callables in ``static_args``.
-      dimension_numbers: ``None`` (infer), a ``LoraDimensionNumbers`` or
+      dimension_numbers: ``None`` (infer), a ``LoRADimensionNumbers`` or
         ``f(pair_name, a_shape, b_shape)``; see ``find_lora_pairs``.
 
     Returns:
@@ -197,74 +160,17 @@ def scale_by_lora_muon(
       ``optax.apply_updates``) casts back after scaling.
     """
     _direction.check_method(method)
-    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
-
-    def _resolve(tree: Any, where: str) -> list[_pairs.LoraPair]:
-        return _resolve_all_pairs(
-            tree,
-            rule,
-            dimension_numbers,
-            f"scale_by_lora_muon.{where}",
-            "Use lora_muon(...) (non-LoRA leaves go to its fallback) or "
-            "optax.partition(..., lora_param_labels(params)).",
-        )
-
-    def init_fn(params: optax.Params) -> ScaleByLoraMuonState:
-        _resolve(params, "init")
-        return ScaleByLoraMuonState(
-            count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype)
-        )
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleByLoraMuonState]:
-        del extra_args
-        state = cast(ScaleByLoraMuonState, state)
-        pairs = _resolve(updates, "update")
-        grads, treedef = jax.tree_util.tree_flatten(updates)
-        if not grads:
-            return updates, state._replace(count=_increment(state.count))
-        if params is None:
-            raise _no_params_error("scale_by_lora_muon")
-        factors = treedef.flatten_up_to(params)
-        mus = treedef.flatten_up_to(state.mu)
-        new_mu = _ema_momenta(mus, grads, momentum)
-        if nesterov:
-            mu_hat = _ema_momenta(new_mu, grads, momentum)
-        else:
-            mu_hat = new_mu
-
-        def views(p: _pairs.LoraPair) -> _direction.FactorPair:
-            a, a_rank_first = _pairs.to_matrix_view(factors[p.a_index], p, "a")
-            b, b_rank_first = _pairs.to_matrix_view(factors[p.b_index], p, "b")
-            mu_a, _ = _pairs.to_matrix_view(mu_hat[p.a_index], p, "a")
-            mu_b, _ = _pairs.to_matrix_view(mu_hat[p.b_index], p, "b")
-            return _direction.FactorPair(a, b, mu_a, mu_b, a_rank_first, b_rank_first)
-
-        directions = _stacked_directions([views(p) for p in pairs], method)
-        out: list[Any] = list(grads)
-        for p, (u_a, u_b) in zip(pairs, directions, strict=True):
-            half = 0.5 / _pair_scale(lora_scale, p.name)
-            for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
-                u = _pairs.from_matrix_view(u * half.astype(u.dtype), p, role)  # type: ignore[arg-type]
-                # The unit direction stays in the compute dtype (float32 for
-                # half-precision factors): it can exceed float16's range where
-                # η·D does not, so the cast to the parameters' dtype comes
-                # after the learning rate (scale_by_split_weight_decay).
-                out[index] = u.astype(_polar.compute_dtype(grads[index].dtype))
-        new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]
-        return (
-            jax.tree_util.tree_unflatten(treedef, out),
-            ScaleByLoraMuonState(
-                count=_increment(state.count),
-                mu=jax.tree_util.tree_unflatten(treedef, new_mu_cast),
-            ),
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.scale_by_pair_direction(
+        _lora_muon_pair_directions(method, lora_scale),
+        name="scale_by_lora_muon",
+        full_optimizer="lora_muon(...)",
+        state_type=ScaleByLoRAMuonState,
+        momentum=momentum,
+        nesterov=nesterov,
+        mu_dtype=mu_dtype,
+        pair_rule=pair_rule,
+        dimension_numbers=dimension_numbers,
+    )
 
 
 def scale_by_split_weight_decay(
@@ -286,64 +192,13 @@ def scale_by_split_weight_decay(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
     """
-
-    def init_fn(params: optax.Params) -> ScaleBySplitWeightDecayState:
-        del params
-        return ScaleBySplitWeightDecayState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleBySplitWeightDecayState]:
-        del extra_args
-        state = cast(ScaleBySplitWeightDecayState, state)
-        if not jax.tree_util.tree_leaves(updates):
-            return updates, ScaleBySplitWeightDecayState(_increment(state.count))
-        if params is None:
-            raise _no_params_error("scale_by_split_weight_decay")
-        lr = _learning_rate_at(learning_rate, state.count)
-        decay_fraction = jnp.clip(_f32(weight_decay) * lr, 0.0, _MAX_DECAY_FRACTION)
-        s = jnp.sqrt(1.0 - decay_fraction)
-        step_coeff = -lr / s
-        decay_coeff = -decay_fraction / (1.0 + s)
-
-        def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
-            # η scales the direction before the cast to the parameters' dtype.
-            dt = _polar.compute_dtype(d.dtype, p.dtype)
-            step = step_coeff.astype(dt) * d.astype(dt) + decay_coeff.astype(dt) * p.astype(dt)
-            return step.astype(p.dtype)
-
-        new_updates = jax.tree.map(leaf, updates, params)
-        return new_updates, ScaleBySplitWeightDecayState(_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _with_standard_promotion(
-    tx: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-    """Trace ``tx`` under standard dtype promotion; updates keep the gradients' dtypes.
-
-    optax's own transforms (e.g. ``adamw``'s bias correction ``b1 ** count``
-    with an int32 count) are not written for ``jax_numpy_dtype_promotion=
-    "strict"``; this keeps ``lora_muon`` usable when a user enables it.
-    """
-    tx = optax.with_extra_args_support(tx)
-
-    def init_fn(params: optax.Params) -> Any:
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.init(params)
-
-    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
-        with jax.numpy_dtype_promotion("standard"):
-            new_updates, new_state = tx.update(updates, state, params, **extra_args)
-        # e.g. adamw with mu_dtype=float32 returns float32 updates for bf16 grads.
-        new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.scale_by_scaled_step(
+        learning_rate,
+        weight_decay,
+        rule="split",
+        state_type=ScaleBySplitWeightDecayState,
+        name="scale_by_split_weight_decay",
+    )
 
 
 def _is_number(x: Any) -> bool:
@@ -358,7 +213,7 @@ def lora_muon(
     weight_decay: float | jax.Array = 0.01,
     method: Method = "gram",
     mu_dtype: Any = None,
-    lora_scale: LoraScale = 1.0,
+    lora_scale: LoRAScale = 1.0,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
     fallback: optax.GradientTransformation | None = None,
@@ -447,9 +302,6 @@ def lora_muon(
                 "the split weight decay needs weight_decay * learning_rate < 1 "
                 f"(s = sqrt(1 - λη)), got {weight_decay=} * {learning_rate=}"
             )
-    if fallback is not None and fallback_learning_rate is not None:
-        raise ValueError("pass either `fallback` or `fallback_learning_rate`, not both")
-    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
     factor_tx = optax.chain(
         scale_by_lora_muon(
             momentum,
@@ -457,27 +309,26 @@ def lora_muon(
             method=method,
             mu_dtype=mu_dtype,
             lora_scale=lora_scale,
-            pair_rule=rule,
+            pair_rule=pair_rule,
             dimension_numbers=dimension_numbers,
         ),
         scale_by_split_weight_decay(learning_rate, weight_decay),
     )
     if rebalance:
         factor_tx = _rebalance.with_gauge_rebalancing(
-            factor_tx, pair_rule=rule, dimension_numbers=dimension_numbers
+            factor_tx, pair_rule=pair_rule, dimension_numbers=dimension_numbers
         )
-    if fallback is None:
-        fallback = optax.adamw(
-            learning_rate=learning_rate
-            if fallback_learning_rate is None
-            else fallback_learning_rate,
-            weight_decay=fallback_weight_decay,
-            mu_dtype=mu_dtype,
-        )
-
-    def labels(params: optax.Params) -> Any:
-        return _pairs.lora_param_labels(params, pair_rule=rule, dimension_numbers=dimension_numbers)
-
-    return optax.partition(
-        {"lora": factor_tx, "fallback": _with_standard_promotion(fallback)}, labels
+    return _base.fallback_partition(
+        factor_tx,
+        _base.pair_labels(pair_rule, dimension_numbers),
+        learning_rate=learning_rate,
+        fallback=fallback,
+        fallback_learning_rate=fallback_learning_rate,
+        fallback_weight_decay=fallback_weight_decay,
+        mu_dtype=mu_dtype,
     )
+
+
+__getattr__ = _deprecation.renamed(
+    __name__, {"ScaleByLoraMuonState": ("ScaleByLoRAMuonState", ScaleByLoRAMuonState)}
+)

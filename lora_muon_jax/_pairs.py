@@ -14,13 +14,19 @@ Variables ``nnx.Optimizer`` gives ``init`` and the arrays it gives ``update``
 pair identically. ``optax.MaskedNode`` holes and leafless placeholders have no
 leaves and are simply skipped.
 
+Each ``LoRAPair`` carries its identity as structured paths (``PairName``);
+nothing downstream parses a formatted name back.
+
 Layout: ``x @ lora_a @ lora_b`` with ``lora_a (*batch, *in_axes, r)`` and
 ``lora_b (*batch, r, *out_axes)``, i.e. ``A = lora_a`` flattened to
 ``(m = prod(in_axes), r)`` and ``B = lora_bᵀ`` flattened to
 ``(n = prod(out_axes), r)``. Leading axes the two factors share (stacked or
 scanned layers, dot_general batch dimensions) are batch axes: one independent
-pair per index. ``LoraDimensionNumbers`` says where the rank axes are when a
+pair per index. ``LoRADimensionNumbers`` says where the rank axes are when a
 tree uses another layout and fixes the batch axes when inference is ambiguous.
+
+Each ``LoRAPair`` carries its identity as structured paths (``PairName``):
+nothing downstream parses a formatted name back.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
+from lora_muon_jax import _deprecation
+
 Role = Literal["a", "b"]
 PairRule = Callable[[tuple[str, ...]], "tuple[Hashable, Role] | None"]
 
 
-class LoraDimensionNumbers(NamedTuple):
+class LoRADimensionNumbers(NamedTuple):
     """Where the axes of a pair's factors go in ``A (m×r)`` and ``B (n×r)``.
 
     Attributes:
@@ -50,7 +58,7 @@ class LoraDimensionNumbers(NamedTuple):
         (flax/qwix: ``0``). Its other non-batch axes flatten into n.
 
     Example: PyTorch-PEFT-style ``lora_A (r, in)``, ``lora_B (out, r)`` is
-    ``LoraDimensionNumbers(a_rank_axis=0, b_rank_axis=-1)``.
+    ``LoRADimensionNumbers(a_rank_axis=0, b_rank_axis=-1)``.
     """
 
     num_batch_axes: int | None = None
@@ -59,26 +67,106 @@ class LoraDimensionNumbers(NamedTuple):
 
 
 DimensionNumbersArg = (
-    LoraDimensionNumbers
-    | Callable[[str, tuple[int, ...], tuple[int, ...]], LoraDimensionNumbers | None]
+    LoRADimensionNumbers
+    | Callable[[str, tuple[int, ...], tuple[int, ...]], LoRADimensionNumbers | None]
     | None
 )
 
 
-class LoraPair(NamedTuple):
-    """A resolved factor pair: where its leaves are and how to read them."""
+Path = tuple[str, ...]
 
-    name: str  # e.g. "['block']['attn']['kernel_lora_{a,b}']"
+
+def _common_prefix(a: Path, b: Path) -> Path:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+class PairName(str):
+    """A pair's display name that carries its structured identity.
+
+    It *is* the string ``find_lora_pairs`` always printed (e.g.
+    ``"['block']['attn']['kernel_lora_{a,b}']"``), so ``lora_scale=f(name)``
+    callables written for strings keep working, and it carries what code needs
+    instead of parsing that string back: ``group`` (the pair rule's key),
+    ``a_path`` / ``b_path`` (the factors' key paths, nnx's ``.value`` dropped)
+    and ``module_path`` (their common prefix: the module that owns the pair).
+    """
+
+    group: Hashable
+    a_path: Path
+    b_path: Path
+
+    def __new__(cls, text: str, *, group: Hashable, a_path: Path, b_path: Path) -> PairName:
+        self = super().__new__(cls, text)
+        self.group, self.a_path, self.b_path = group, tuple(a_path), tuple(b_path)
+        return self
+
+    @property
+    def module_path(self) -> Path:
+        return _common_prefix(self.a_path, self.b_path)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the fields through pickling
+        return (_make_pair_name, (str(self), self.group, self.a_path, self.b_path))
+
+
+def _make_pair_name(text: str, group: Hashable, a_path: Path, b_path: Path) -> PairName:
+    return PairName(text, group=group, a_path=a_path, b_path=b_path)
+
+
+def module_path_of(pair: Any) -> Path:
+    """The owning module's key path of a ``LoRAPair``, a ``PairName`` or a key-path tuple.
+
+    A plain string is refused: names are for display, and parsing one back
+    would break on any custom ``pair_rule``.
+    """
+    path = getattr(pair, "module_path", None)
+    if path is not None:
+        return tuple(path)
+    if isinstance(pair, tuple) and all(isinstance(k, str) for k in pair):
+        return pair
+    raise TypeError(
+        f"expected a LoRAPair, its .name (a PairName) or a module path tuple of strings, got "
+        f"{pair!r}; pair names are not parsed back from strings"
+    )
+
+
+class LoRAPair(NamedTuple):
+    """A resolved factor pair: where its leaves are, how to read them, who it is.
+
+    ``name`` is a ``PairName``: a string for display and ``lora_scale``
+    callables, with the structured ``group``, ``a_path``, ``b_path`` and
+    ``module_path`` (also available on the pair itself).
+    """
+
+    name: PairName  # e.g. "['block']['attn']['kernel_lora_{a,b}']"
     a_index: int  # index of lora_a among the tree's leaves (jax.tree.leaves order)
     b_index: int
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
-    dims: LoraDimensionNumbers  # num_batch_axes resolved to an int
+    dims: LoRADimensionNumbers  # num_batch_axes resolved to an int
 
     @property
     def rank(self) -> int:
         rest = self.a_shape[self.dims.num_batch_axes or 0 :]
         return rest[self.dims.a_rank_axis]
+
+    @property
+    def group(self) -> Hashable:
+        return self.name.group
+
+    @property
+    def a_path(self) -> Path:
+        return self.name.a_path
+
+    @property
+    def b_path(self) -> Path:
+        return self.name.b_path
+
+    @property
+    def module_path(self) -> Path:
+        return self.name.module_path
 
 
 def _key_name(key: Any) -> str:
@@ -131,7 +219,7 @@ def _group_name(group: Hashable) -> str:
 
 
 def _infer_num_batch_axes(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dims: LoraDimensionNumbers
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dims: LoRADimensionNumbers
 ) -> int | None:
     for k in range(min(len(a_shape), len(b_shape)) - 2, -1, -1):
         if a_shape[:k] != b_shape[:k]:
@@ -149,12 +237,12 @@ def _rank_of(shape: tuple[int, ...], axis: int) -> int | None:
 
 def _resolve_dims(
     name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], arg: DimensionNumbersArg
-) -> LoraDimensionNumbers:
+) -> LoRADimensionNumbers:
     dims = arg(name, a_shape, b_shape) if callable(arg) else arg
-    dims = dims if dims is not None else LoraDimensionNumbers()
-    if not isinstance(dims, LoraDimensionNumbers):
+    dims = dims if dims is not None else LoRADimensionNumbers()
+    if not isinstance(dims, LoRADimensionNumbers):
         raise TypeError(
-            f"pair {name}: dimension numbers must be LoraDimensionNumbers, got {dims!r}"
+            f"pair {name}: dimension numbers must be LoRADimensionNumbers, got {dims!r}"
         )
     nb = dims.num_batch_axes
     if nb is None:
@@ -164,7 +252,7 @@ def _resolve_dims(
                 f"pair {name}: lora_a {a_shape} and lora_b {b_shape} do not form a LoRA pair "
                 f"with rank axes a_rank_axis={dims.a_rank_axis}, b_rank_axis={dims.b_rank_axis}: "
                 "the ranks differ (or no leading batch axes agree). Check the factor shapes, "
-                "or pass LoraDimensionNumbers(...) via `dimension_numbers`."
+                "or pass LoRADimensionNumbers(...) via `dimension_numbers`."
             )
     if nb < 0 or nb > min(len(a_shape), len(b_shape)) - 2:
         raise ValueError(
@@ -191,7 +279,7 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
 
 
 class _Resolved(NamedTuple):
-    pairs: list[LoraPair]
+    pairs: list[LoRAPair]
     unpaired: list[str]  # key paths (jax.tree_util.keystr) of leaves in no pair
 
 
@@ -203,9 +291,11 @@ def resolve_pairs(
     """Pairs and unpaired leaves of ``tree``; raises on lone or malformed factors."""
     leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
     groups: dict[Hashable, dict[str, tuple[int, str]]] = {}
+    paths: list[Path] = []
     unpaired = []
     for index, (path, _) in enumerate(leaves_with_path):
-        match = pair_rule(normalized_path(path))
+        paths.append(normalized_path(path))
+        match = pair_rule(paths[-1])
         keystr = jax.tree_util.keystr(tuple(path))
         if match is None:
             unpaired.append(keystr)
@@ -222,17 +312,18 @@ def resolve_pairs(
         slot[role] = (index, keystr)
     pairs = []
     for group, slot in groups.items():
-        name = _group_name(group)
+        text = _group_name(group)
         if set(slot) != {"a", "b"}:
             ((role, (index, keystr)),) = slot.items()
             shape, _ = _shape_dtype(leaves_with_path[index][1])
             other = "lora_b" if role == "a" else "lora_a"
             raise ValueError(
                 f"LoRA factor {keystr} (shape {shape}) has no matching {other} sibling "
-                f"(pair {name}). Both factors of a pair must be in the tree, and inside "
+                f"(pair {text}). Both factors of a pair must be in the tree, and inside "
                 "optax.partition/masked both must get the same label."
             )
         (ia, ka), (ib, kb) = slot["a"], slot["b"]
+        name = PairName(text, group=group, a_path=paths[ia], b_path=paths[ib])
         a_shape, a_dtype = _shape_dtype(leaves_with_path[ia][1])
         b_shape, b_dtype = _shape_dtype(leaves_with_path[ib][1])
         for keystr, shape, dtype in ((ka, a_shape, a_dtype), (kb, b_shape, b_dtype)):
@@ -242,7 +333,7 @@ def resolve_pairs(
                     "must be real floating point arrays"
                 )
         dims = _resolve_dims(name, a_shape, b_shape, dimension_numbers)
-        pairs.append(LoraPair(name, ia, ib, a_shape, b_shape, dims))
+        pairs.append(LoRAPair(name, ia, ib, a_shape, b_shape, dims))
     return _Resolved(pairs, unpaired)
 
 
@@ -251,7 +342,7 @@ def find_lora_pairs(
     *,
     pair_rule: PairRule = default_pair_rule,
     dimension_numbers: DimensionNumbersArg = None,
-) -> list[LoraPair]:
+) -> list[LoRAPair]:
     """List the LoRA factor pairs of a tree (to inspect what the optimizer will see).
 
     Args:
@@ -259,11 +350,11 @@ def find_lora_pairs(
         ``jax.ShapeDtypeStruct``.
       pair_rule: maps a leaf's key path (strings) to ``(group, "a" | "b")`` or
         ``None``; default ``default_pair_rule``.
-      dimension_numbers: ``None`` (infer), one ``LoraDimensionNumbers`` for all
-        pairs, or ``f(pair_name, a_shape, b_shape) -> LoraDimensionNumbers | None``.
+      dimension_numbers: ``None`` (infer), one ``LoRADimensionNumbers`` for all
+        pairs, or ``f(pair_name, a_shape, b_shape) -> LoRADimensionNumbers | None``.
 
     Returns:
-      One ``LoraPair`` per pair, in tree order of their groups.
+      One ``LoRAPair`` per pair, in tree order of their groups.
 
     Raises:
       ValueError: a factor without its sibling, mismatched ranks or batch axes.
@@ -292,13 +383,13 @@ def lora_param_labels(
     return jax.tree_util.tree_unflatten(treedef, labels)
 
 
-def _rank_axis(pair: LoraPair, role: Role, ndim: int) -> int:
+def _rank_axis(pair: LoRAPair, role: Role, ndim: int) -> int:
     nb = pair.dims.num_batch_axes or 0
     axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
     return nb + (axis % (ndim - nb))
 
 
-def to_matrix_view(x: jax.Array, pair: LoraPair, role: Role) -> tuple[jax.Array, bool]:
+def to_matrix_view(x: jax.Array, pair: LoRAPair, role: Role) -> tuple[jax.Array, bool]:
     """A 3-axis view of a factor without moving data when possible.
 
     Returns ``(view, rank_first)``: ``(N, m, r)`` when the rank axis is the
@@ -317,7 +408,7 @@ def to_matrix_view(x: jax.Array, pair: LoraPair, role: Role) -> tuple[jax.Array,
     return jnp.moveaxis(x, rank_axis, -1).reshape((batch, -1, r)), False
 
 
-def from_matrix_view(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+def from_matrix_view(y: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
     """Inverse of ``to_matrix_view`` (for an array in the view's shape)."""
     shape = pair.a_shape if role == "a" else pair.b_shape
     rank_axis = _rank_axis(pair, role, len(shape))
@@ -328,16 +419,34 @@ def from_matrix_view(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
     return jnp.moveaxis(y.reshape((*moved, r)), -1, rank_axis)
 
 
-def to_math_layout(x: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+def to_math_layout(x: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
     """``lora_a`` -> ``A`` as (N, m, r); ``lora_b`` -> ``B`` as (N, n, r); N = prod(batch)."""
     view, rank_first = to_matrix_view(x, pair, role)
     return jnp.swapaxes(view, -1, -2) if rank_first else view
 
 
-def from_math_layout(y: jax.Array, pair: LoraPair, role: Role) -> jax.Array:
+def math_views(
+    leaves: Sequence[jax.Array], pair: LoRAPair, dtype: Any = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """``(A, B)`` of ``pair`` from a tree's leaves, math layout, ``(N, m, r)`` and ``(N, n, r)``."""
+    a = to_math_layout(leaves[pair.a_index], pair, "a").astype(dtype)
+    b = to_math_layout(leaves[pair.b_index], pair, "b").astype(dtype)
+    return a, b
+
+
+def from_math_layout(y: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
     """Inverse of ``to_math_layout``."""
     shape = pair.a_shape if role == "a" else pair.b_shape
     rank_axis = _rank_axis(pair, role, len(shape))
     if rank_axis == (pair.dims.num_batch_axes or 0) and rank_axis != len(shape) - 1:
         return from_matrix_view(jnp.swapaxes(y, -1, -2), pair, role)
     return from_matrix_view(y, pair, role)
+
+
+__getattr__ = _deprecation.renamed(
+    __name__,
+    {
+        "LoraPair": ("LoRAPair", LoRAPair),
+        "LoraDimensionNumbers": ("LoRADimensionNumbers", LoRADimensionNumbers),
+    },
+)

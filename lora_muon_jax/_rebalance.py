@@ -16,7 +16,7 @@ c > 0 is a valid gauge, so the norms need only be accurate enough to
 balance; a zero factor (``lora_b = 0`` at init) leaves the pair as it is.
 """
 
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,7 @@ def balancing_gauge(
     return jnp.where(jnp.isfinite(log_c), jnp.exp(log_c), 1.0)
 
 
-def _scale(x: jax.Array, pair: _pairs.LoraPair, role: _pairs.Role, k: jax.Array) -> jax.Array:
+def _scale(x: jax.Array, pair: _pairs.LoRAPair, role: _pairs.Role, k: jax.Array) -> jax.Array:
     """``x`` (a factor of ``pair`` in its own layout) times ``k[batch]``, float32."""
     view, _ = _pairs.to_matrix_view(x.astype(_F32), pair, role)
     return _pairs.from_matrix_view(view * k[:, None, None], pair, role)
@@ -76,18 +76,42 @@ def _moved(factors: list[jax.Array], steps: list[jax.Array], index: int) -> jax.
 
 
 def with_gauge_rebalancing(
-    factor_tx: optax.GradientTransformationExtraArgs,
+    tx: optax.GradientTransformation,
     *,
-    pair_rule: PairRule,
-    dimension_numbers: DimensionNumbersArg,
+    pair_rule: PairRule | None = None,
+    dimension_numbers: DimensionNumbersArg = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rebalance every pair after ``factor_tx``'s step (Algorithm 2).
+    """Rebalance every pair after ``tx``'s step (the paper's Algorithm 2), composably.
 
-    ``factor_tx`` must be ``chain(scale_by_lora_muon(...), ...)``: its state's
-    first element holds the momenta, which are rescaled with the factors. The
-    returned update moves each factor to ``c (A + u_A)``, i.e. it is
-    ``c u_A + (c − 1) A``; the state keeps the rescaled momenta.
+    ``tx`` is any transformation whose state holds the factor momenta as a field
+    named ``mu`` with the params' structure — ``scale_by_lora_muon`` (alone or
+    chained with ``scale_by_split_weight_decay``, clipping, schedules, ...) or
+    any other ``scale_by_pair_direction`` optimizer. The momenta are found and
+    replaced with ``optax.tree_utils.tree_get`` / ``tree_set``, not by position.
+    The returned update moves each factor to ``c (A + u_A)``, i.e. it is
+    ``c u_A + (c − 1) A``; the state keeps the momenta rescaled with the factors
+    (``M_A / c``, ``c M_B``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from lora_muon_jax import scale_by_lora_muon, scale_by_split_weight_decay
+      >>> from lora_muon_jax import with_gauge_rebalancing
+      >>> tx = with_gauge_rebalancing(
+      ...     optax.chain(scale_by_lora_muon(), scale_by_split_weight_decay(0.1)))
+      >>> params = {'lora_a': 100.0 * jnp.eye(4, 2), 'lora_b': 0.01 * jnp.eye(2, 3)}
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> new = optax.apply_updates(params, updates)
+      >>> a, b = (float(jnp.linalg.norm(new[k], ord=2)) for k in ('lora_a', 'lora_b'))
+      >>> round(a / b, 4)
+      1.0
     """
+    tx = optax.with_extra_args_support(tx)
+    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
+
+    def init_fn(params: optax.Params) -> Any:
+        state = tx.init(params)
+        _momenta(state)  # fail early if there are none
+        return state
 
     def update_fn(
         updates: optax.Updates,
@@ -95,33 +119,49 @@ def with_gauge_rebalancing(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
-        new_updates, new_state = factor_tx.update(updates, state, params, **extra_args)
+        new_updates, new_state = tx.update(updates, state, params, **extra_args)
         if not jax.tree_util.tree_leaves(new_updates) or params is None:
             return new_updates, new_state
-        pairs = _pairs.resolve_pairs(new_updates, pair_rule, dimension_numbers).pairs
+        pairs = _pairs.resolve_pairs(new_updates, rule, dimension_numbers).pairs
         steps, treedef = jax.tree_util.tree_flatten(new_updates)
         factors = treedef.flatten_up_to(params)
-        muon_state = cast(Any, new_state)[0]
-        mus = treedef.flatten_up_to(muon_state.mu)
+        mus = treedef.flatten_up_to(_momenta(new_state))
         out, new_mus = list(steps), list(mus)
-        for p in pairs:
-            a, a_rank_first = _pairs.to_matrix_view(_moved(factors, steps, p.a_index), p, "a")
-            b, b_rank_first = _pairs.to_matrix_view(_moved(factors, steps, p.b_index), p, "b")
-            c = balancing_gauge(a, b, a_rank_first=a_rank_first, b_rank_first=b_rank_first)
-            roles: tuple[tuple[_pairs.Role, int, jax.Array, jax.Array], ...] = (
-                ("a", p.a_index, c, 1.0 / c),
-                ("b", p.b_index, 1.0 / c, c),
-            )
-            for role, index, factor_scale, mu_scale in roles:
-                param, step = factors[index].astype(_F32), steps[index].astype(_F32)
-                # c (A + u) − A, written without cancellation.
-                moved = _scale(step, p, role, factor_scale) + _scale(
-                    param, p, role, factor_scale - 1.0
+        with jax.named_scope("gauge_rebalancing"):
+            for p in pairs:
+                a, a_rank_first = _pairs.to_matrix_view(_moved(factors, steps, p.a_index), p, "a")
+                b, b_rank_first = _pairs.to_matrix_view(_moved(factors, steps, p.b_index), p, "b")
+                c = balancing_gauge(a, b, a_rank_first=a_rank_first, b_rank_first=b_rank_first)
+                roles: tuple[tuple[_pairs.Role, int, jax.Array, jax.Array], ...] = (
+                    ("a", p.a_index, c, 1.0 / c),
+                    ("b", p.b_index, 1.0 / c, c),
                 )
-                out[index] = moved.astype(factors[index].dtype)
-                new_mus[index] = _scale(mus[index], p, role, mu_scale).astype(mus[index].dtype)
+                for role, index, factor_scale, mu_scale in roles:
+                    param, step = factors[index].astype(_F32), steps[index].astype(_F32)
+                    # c (A + u) − A, written without cancellation.
+                    moved = _scale(step, p, role, factor_scale) + _scale(
+                        param, p, role, factor_scale - 1.0
+                    )
+                    out[index] = moved.astype(factors[index].dtype)
+                    new_mus[index] = _scale(mus[index], p, role, mu_scale).astype(mus[index].dtype)
         new_mu_tree = jax.tree_util.tree_unflatten(treedef, new_mus)
-        new_state = (muon_state._replace(mu=new_mu_tree), *cast(tuple, new_state)[1:])
+        new_state = optax.tree_utils.tree_set(new_state, mu=new_mu_tree)
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-    return optax.GradientTransformationExtraArgs(factor_tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _momenta(state: Any) -> Any:
+    try:
+        mu = optax.tree_utils.tree_get(state, "mu")
+    except KeyError as error:
+        raise ValueError(
+            "with_gauge_rebalancing: the wrapped transformation's state has several fields "
+            "named `mu`; rebalancing needs exactly one (the factor momenta)"
+        ) from error
+    if mu is None:
+        raise ValueError(
+            "with_gauge_rebalancing: the wrapped transformation keeps no factor momenta (no "
+            "state field named `mu`); wrap scale_by_lora_muon(...) or a chain containing it"
+        )
+    return mu

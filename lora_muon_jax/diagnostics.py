@@ -109,7 +109,7 @@ def pair_diagnostics(
         dtype = _polar.compute_dtype(leaves[p.a_index].dtype, leaves[p.b_index].dtype)
         batch = p.a_shape[: p.dims.num_batch_axes or 0]
 
-        def math(x: jax.Array, role: _pairs.Role, p: _pairs.LoraPair = p, dt=dtype) -> jax.Array:
+        def math(x: jax.Array, role: _pairs.Role, p: _pairs.LoRAPair = p, dt=dtype) -> jax.Array:
             return _pairs.to_math_layout(jnp.asarray(x).astype(dt), p, role)
 
         a, b = math(leaves[p.a_index], "a"), math(leaves[p.b_index], "b")

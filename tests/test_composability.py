@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import lora_muon_jax
-from lora_muon_jax import ScaleByLoraMuonState, lora_muon
+from lora_muon_jax import ScaleByLoRAMuonState, lora_muon
 
 METHODS = ("gram", "paper")
 
@@ -105,11 +105,11 @@ def leaves_named(tree, name: str) -> list[tuple[str, jax.Array]]:
     return out
 
 
-def lora_muon_states(tree) -> list[ScaleByLoraMuonState]:
+def lora_muon_states(tree) -> list[ScaleByLoRAMuonState]:
     return [
         x
-        for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, ScaleByLoraMuonState))
-        if isinstance(x, ScaleByLoraMuonState)
+        for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, ScaleByLoRAMuonState))
+        if isinstance(x, ScaleByLoRAMuonState)
     ]
 
 

@@ -22,7 +22,7 @@ nnx = pytest.importorskip("flax.nnx")
 from lora_muon_jax import find_lora_pairs, lora_muon  # noqa: E402
 from lora_muon_jax.flax import INIT_MODES, linen, surgery  # noqa: E402
 from lora_muon_jax.flax import nnx as lnnx  # noqa: E402
-from lora_muon_jax.flax.linen import LoraDense, LoraDenseGeneral  # noqa: E402
+from lora_muon_jax.flax.linen import LoRADense, LoRADenseGeneral  # noqa: E402
 
 # Forward passes below are float32 sums of at most 64 products of O(1) terms:
 # rounding is ~1e-6 relative; 1e-5 gives 10x margin against the float64 oracle.
@@ -50,13 +50,13 @@ def _random_tree(tree, seed: int):
 
 
 def test_linen_zero_init_matches_plain_dense() -> None:
-    """Standard init (lora_b = 0): LoraDense(General) == nn.Dense(General) with the same kernel."""
+    """Standard init (lora_b = 0): LoRADense(General) == nn.Dense(General) with the same kernel."""
     x = _normal(np.random.default_rng(0), (5, 3, 4))
     cases = [
-        (nn.Dense(6), LoraDense(6, rank=2, alpha=16.0)),
+        (nn.Dense(6), LoRADense(6, rank=2, alpha=16.0)),
         (
             nn.DenseGeneral((2, 5), axis=(-2, -1), use_bias=False),
-            LoraDenseGeneral((2, 5), rank=3, axis=(-2, -1), alpha=4.0, use_bias=False),
+            LoRADenseGeneral((2, 5), rank=3, axis=(-2, -1), alpha=4.0, use_bias=False),
         ),
     ]
     for plain, lora in cases:
@@ -73,7 +73,7 @@ def test_linen_zero_init_matches_plain_dense() -> None:
 def test_linen_dense_general_forward_matches_float64_oracle() -> None:
     """Multi-axis in/out, α/r scale, bias: against y = x⋅K + (α/r)(x⋅A)⋅B + b in float64."""
     x = _normal(np.random.default_rng(0), (7, 3, 4))
-    layer = LoraDenseGeneral((2, 5), rank=3, axis=(-2, -1), alpha=6.0)
+    layer = LoRADenseGeneral((2, 5), rank=3, axis=(-2, -1), alpha=6.0)
     params = _random_tree(layer.init(jax.random.key(1), x)["params"], seed=3)
     assert {k: v.shape for k, v in params.items()} == {
         "kernel": (3, 4, 2, 5),
@@ -94,7 +94,7 @@ def test_linen_dense_general_forward_matches_float64_oracle() -> None:
 def test_linen_contracts_a_middle_axis() -> None:
     """axis=1 of a (b, d, t) input: the other axes keep their order, like nn.DenseGeneral."""
     x = _normal(np.random.default_rng(0), (2, 4, 5))
-    middle = LoraDenseGeneral(3, rank=2, axis=1, use_bias=False)
+    middle = LoRADenseGeneral(3, rank=2, axis=1, use_bias=False)
     params = _random_tree(middle.init(jax.random.key(1), x)["params"], seed=4)
     got = middle.apply({"params": params}, x)
     xs = _np(x)
@@ -107,7 +107,7 @@ def test_linen_native_init_has_no_kernel_and_lecun_scale() -> None:
     """init_mode='native': the weight is s·A⋅B, both random; A⋅B has variance ~1/fan_in."""
     m, n, r = 256, 192, 16
     x = _normal(np.random.default_rng(0), (8, m))
-    layer = LoraDense(n, rank=r, init_mode="native", alpha=float(r))  # s = 1
+    layer = LoRADense(n, rank=r, init_mode="native", alpha=float(r))  # s = 1
     params = layer.init(jax.random.key(1), x)["params"]
     assert set(params) == {"lora_a", "lora_b", "bias"}
     a, b = _np(params["lora_a"]), _np(params["lora_b"])
@@ -123,7 +123,7 @@ def test_linen_native_init_has_no_kernel_and_lecun_scale() -> None:
 def test_linen_freeze_base_zero_gradients() -> None:
     x = _normal(np.random.default_rng(0), (4, 6))
     for freeze in (True, False):
-        layer = LoraDense(5, rank=2, freeze_base=freeze)
+        layer = LoRADense(5, rank=2, freeze_base=freeze)
         shapes = jax.eval_shape(layer.init, jax.random.key(1), x)["params"]
         params = _random_tree(shapes, seed=2)
         grads = jax.jit(
@@ -136,7 +136,7 @@ def test_linen_freeze_base_zero_gradients() -> None:
 
 def test_linen_bfloat16_params_and_compute() -> None:
     x = jnp.ones((2, 8), jnp.bfloat16)
-    layer = LoraDense(4, rank=2, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    layer = LoRADense(4, rank=2, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     variables = jax.eval_shape(layer.init, jax.random.key(0), x)  # dtypes are static
     assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(variables))
     assert jax.eval_shape(layer.apply, variables, x).dtype == jnp.bfloat16
@@ -158,7 +158,7 @@ class Block(nn.Module):
         if self.rank is None:
             h = nn.Dense(WIDTH, name="mlp")(x)
         else:
-            h = LoraDense(WIDTH, rank=self.rank, alpha=self.alpha, name="mlp")(x)
+            h = LoRADense(WIDTH, rank=self.rank, alpha=self.alpha, name="mlp")(x)
         return x + jnp.tanh(h), None
 
 
@@ -176,7 +176,7 @@ class ScanModel(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(self.rank, self.alpha, name="blocks")(x, None)
-        head = nn.Dense if self.rank is None else LoraDense
+        head = nn.Dense if self.rank is None else LoRADense
         kwargs = {} if self.rank is None else {"rank": 2}
         return head(WIDTH, name="head", **kwargs)(x)
 
@@ -190,11 +190,14 @@ def test_lora_scale_fn_reads_paths_inside_scan() -> None:
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     names = [p.name for p in find_lora_pairs(params)]
     assert sorted(fn(n) for n in names) == [1.0, ALPHA / RANK]
-    # A prefix (the 'params' collection) is fine; an unknown pair raises or gets `default`.
-    assert fn("['params']['blocks']['mlp']['lora_{a,b}']") == ALPHA / RANK
+    # Looked up by structured module path: a prefix (the 'params' collection) is fine; an
+    # unknown pair raises or gets `default`; a plain string is not parsed.
+    assert fn(("params", "blocks", "mlp")) == ALPHA / RANK
     with pytest.raises(KeyError, match=r"other.*known module paths: blocks/mlp, head"):
-        fn("['other']['kernel_lora_{a,b}']")
-    assert linen.lora_scale_fn(model, x, default=0.5)("['other']['kernel_lora_{a,b}']") == 0.5
+        fn(("other",))
+    assert linen.lora_scale_fn(model, x, default=0.5)(("other",)) == 0.5
+    with pytest.raises(TypeError, match="not parsed"):
+        fn("['params']['blocks']['mlp']['lora_{a,b}']")
 
 
 def _train_linen(model, params, tx, x, y, steps: int):
@@ -216,7 +219,7 @@ def _train_linen(model, params, tx, x, y, steps: int):
 
 
 def test_scan_stack_trains_with_lora_muon() -> None:
-    """nn.scan-stacked LoraDense: pairs have the layer axis as batch axis; factors train."""
+    """nn.scan-stacked LoRADense: pairs have the layer axis as batch axis; factors train."""
     x = _normal(np.random.default_rng(1), (64, WIDTH))
     model = ScanModel()
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x)["params"])
@@ -270,7 +273,7 @@ def _random_factors(params, seed: int, scale: float):
 def test_sharding_annotations_linen_and_scan() -> None:
     """kernel_axes gives logical partitioning; the rank axis is unsharded; scan adds 'layers'."""
     x = jnp.ones((2, 3, 8), jnp.float32)
-    layer = LoraDenseGeneral((4, 2), rank=2, kernel_axes=("embed", "heads", "kv"))
+    layer = LoRADenseGeneral((4, 2), rank=2, kernel_axes=("embed", "heads", "kv"))
     specs = nn.get_partition_spec(layer.init(jax.random.key(0), x))["params"]
     P = jax.sharding.PartitionSpec
     assert specs == {
@@ -283,7 +286,7 @@ def test_sharding_annotations_linen_and_scan() -> None:
     class Blk(nn.Module):
         @nn.compact
         def __call__(self, h, _):
-            layer = LoraDense(8, rank=2, kernel_axes=("embed", "mlp"), name="mlp")
+            layer = LoRADense(8, rank=2, kernel_axes=("embed", "mlp"), name="mlp")
             return layer(h), None
 
     stack = nn.scan(
@@ -298,7 +301,7 @@ def test_sharding_annotations_linen_and_scan() -> None:
     assert specs["lora_a"] == P("layers", "embed", None)
     assert specs["lora_b"] == P("layers", None, "mlp")
     # Initializers wrapped by the user (nn.with_partitioning) keep their boxes.
-    wrapped = LoraDense(
+    wrapped = LoRADense(
         8,
         rank=2,
         kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model")),
@@ -388,9 +391,9 @@ def test_nnx_kernel_axes_metadata() -> None:
 def test_rank_larger_than_min_in_out_raises() -> None:
     x = jnp.ones((2, 6), jnp.float32)
     with pytest.raises(
-        ValueError, match=r"LoraDense\(name='big'\).*rank=5 exceeds min\(in, out\) = min\(6, 4\)"
+        ValueError, match=r"LoRADense\(name='big'\).*rank=5 exceeds min\(in, out\) = min\(6, 4\)"
     ):
-        LoraDense(4, rank=5, name="big").init(jax.random.key(0), x)
+        LoRADense(4, rank=5, name="big").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"rank=7 exceeds min\(in, out\) = min\(6, 12\)"):
         lnnx.LoRALinearGeneral(6, (3, 4), rank=7, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank must be a positive int"):
@@ -400,11 +403,11 @@ def test_rank_larger_than_min_in_out_raises() -> None:
 def test_non_float_dtype_raises() -> None:
     x = jnp.ones((2, 6), jnp.float32)
     with pytest.raises(
-        TypeError, match=r"LoraDense\(name='q'\).*param_dtype=int32 is not a floating"
+        TypeError, match=r"LoRADense\(name='q'\).*param_dtype=int32 is not a floating"
     ):
-        LoraDense(4, rank=2, param_dtype=jnp.int32, name="q").init(jax.random.key(0), x)
+        LoRADense(4, rank=2, param_dtype=jnp.int32, name="q").init(jax.random.key(0), x)
     with pytest.raises(TypeError, match=r"dtype=int8 is not a floating"):
-        LoraDense(4, rank=2, dtype=jnp.int8).init(jax.random.key(0), x)
+        LoRADense(4, rank=2, dtype=jnp.int8).init(jax.random.key(0), x)
     with pytest.raises(TypeError, match=r"param_dtype=int32 is not a floating"):
         lnnx.LoRALinearGeneral(6, 4, rank=2, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
 
@@ -414,11 +417,11 @@ def test_bad_options_raise() -> None:
     with pytest.raises(
         ValueError, match=r"unknown init='zeros'; expected one of \['native', 'standard'\]"
     ):
-        LoraDense(4, rank=2, init_mode="zeros").init(jax.random.key(0), x)  # type: ignore[arg-type]
+        LoRADense(4, rank=2, init_mode="zeros").init(jax.random.key(0), x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="alpha must be a positive number"):
-        LoraDense(4, rank=2, alpha=-1.0).init(jax.random.key(0), x)
+        LoRADense(4, rank=2, alpha=-1.0).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"kernel_axes=\('a',\) must name every kernel axis"):
-        LoraDense(4, rank=2, kernel_axes=("a",)).init(jax.random.key(0), x)
+        LoRADense(4, rank=2, kernel_axes=("a",)).init(jax.random.key(0), x)
     assert set(INIT_MODES) == {"standard", "native"}
 
 

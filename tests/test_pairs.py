@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from lora_muon_jax import (
-    LoraDimensionNumbers,
+    LoRADimensionNumbers,
     default_pair_rule,
     find_lora_pairs,
     lora_param_labels,
@@ -73,7 +73,7 @@ def test_batch_axes_inferred(
 
 def test_explicit_dimension_numbers_peft_layout() -> None:
     tree = {"lora_a": _z(4, 8), "lora_b": _z(6, 4)}  # PEFT: lora_A (r, in), lora_B (out, r)
-    dims = LoraDimensionNumbers(a_rank_axis=0, b_rank_axis=-1)
+    dims = LoRADimensionNumbers(a_rank_axis=0, b_rank_axis=-1)
     (pair,) = find_lora_pairs(tree, dimension_numbers=dims)
     assert pair.rank == 4
     a = jnp.arange(32.0).reshape(4, 8)
@@ -87,10 +87,10 @@ def test_explicit_dimension_numbers_peft_layout() -> None:
 def test_dimension_numbers_callable_per_pair() -> None:
     tree = {"x": {"lora_a": _z(4, 4, 4), "lora_b": _z(4, 4, 4)}}
 
-    def dims(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> LoraDimensionNumbers:
+    def dims(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> LoRADimensionNumbers:
         del a_shape, b_shape
         assert name == "['x']['lora_{a,b}']"
-        return LoraDimensionNumbers(num_batch_axes=0)
+        return LoRADimensionNumbers(num_batch_axes=0)
 
     (pair,) = find_lora_pairs(tree, dimension_numbers=dims)
     assert pair.dims.num_batch_axes == 0
@@ -154,7 +154,7 @@ def test_errors_name_path_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"mismatched ranks.*\(8, 2\).*\(3, 6\)"):
         find_lora_pairs(
             {"layer": {"lora_a": _z(8, 2), "lora_b": _z(3, 6)}},
-            dimension_numbers=LoraDimensionNumbers(num_batch_axes=0),
+            dimension_numbers=LoRADimensionNumbers(num_batch_axes=0),
         )
     with pytest.raises(ValueError, match=r"\(8, 2\).*\(3, 6\)"):
         find_lora_pairs({"layer": {"lora_a": _z(8, 2), "lora_b": _z(3, 6)}})

@@ -22,7 +22,7 @@ qwix = pytest.importorskip("qwix")
 from lora_muon_jax import find_lora_pairs, lora_muon  # noqa: E402
 from lora_muon_jax.flax import linen, surgery  # noqa: E402
 from lora_muon_jax.flax import nnx as lnnx  # noqa: E402
-from lora_muon_jax.flax.linen import LoraDense, LoraDenseGeneral  # noqa: E402
+from lora_muon_jax.flax.linen import LoRADense, LoRADenseGeneral  # noqa: E402
 
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
@@ -125,7 +125,7 @@ def test_lorafy_keeps_outputs_and_trains_only_factors() -> None:
     nnx.update(teacher, _randomize(nnx.state(teacher, nnx.LoRAParam), seed=3))
     y = teacher(x)
     scale = lnnx.lora_scale_fn(model)
-    assert scale("['heads']['lora_{a,b}']") == 2.0
+    assert scale(("heads",)) == 2.0  # the pair's structured module path
     losses = _train_nnx(model, lora_muon(0.05, lora_scale=scale), x, y, steps=30)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] / 4, losses[[0, -1]]
     for k, v in _arrays(nnx.state(model, BASE)).items():
@@ -226,10 +226,10 @@ class LinenNet(nn.Module):
             h = nn.Dense(16, name="up")(x)
             h = nn.DenseGeneral((2, 4), name="heads")(jnp.tanh(h))
             return nn.DenseGeneral(5, axis=(-2, -1), name="out")(jnp.tanh(h))
-        h = LoraDense(16, rank=r, alpha=8.0, name="up")(x)
-        h = LoraDenseGeneral((2, 4), rank=r, name="heads")(jnp.tanh(h))
+        h = LoRADense(16, rank=r, alpha=8.0, name="up")(x)
+        h = LoRADenseGeneral((2, 4), rank=r, name="heads")(jnp.tanh(h))
         mode = "native" if self.native_head else "standard"
-        return LoraDenseGeneral(5, rank=r, axis=(-2, -1), init_mode=mode, name="out")(jnp.tanh(h))
+        return LoRADenseGeneral(5, rank=r, axis=(-2, -1), init_mode=mode, name="out")(jnp.tanh(h))
 
 
 def test_linen_labels_and_load_pretrained() -> None:
@@ -287,7 +287,7 @@ def test_linen_merge_scanned_stack_per_layer() -> None:
         def __call__(self, h, _):
             if self.rank is None:
                 return jnp.tanh(nn.Dense(8, name="mlp")(h)), None
-            return jnp.tanh(LoraDense(8, rank=self.rank, alpha=4.0, name="mlp")(h)), None
+            return jnp.tanh(LoRADense(8, rank=self.rank, alpha=4.0, name="mlp")(h)), None
 
     def stack(rank):
         return nn.scan(Blk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
@@ -419,9 +419,9 @@ class _AlphaNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         r, a = self.rank, self.alpha
-        h = LoraDense(16, rank=r, alpha=a, name="up")(x)
-        h = LoraDenseGeneral((2, 4), rank=r, alpha=a, name="heads")(jnp.tanh(h))
-        return LoraDenseGeneral(5, rank=r, alpha=a, axis=(-2, -1), name="out")(jnp.tanh(h))
+        h = LoRADense(16, rank=r, alpha=a, name="up")(x)
+        h = LoRADenseGeneral((2, 4), rank=r, alpha=a, name="heads")(jnp.tanh(h))
+        return LoRADenseGeneral(5, rank=r, alpha=a, axis=(-2, -1), name="out")(jnp.tanh(h))
 
 
 @qwix_warnings
@@ -472,9 +472,15 @@ def test_qwix_lora_scale_follows_rule_order() -> None:
         qwix.LoraRule(module_path=".*", rank=8, alpha=8.0),
     ]
     scale = surgery.qwix_lora_scale(rules)
-    assert scale("['params']['blocks']['0']['attn']['kernel_lora_{a,b}']") == 4.0
-    assert scale("['blocks']['0']['mlp']['kernel_lora_{a,b}']") == 1.0
+    assert scale(("params", "blocks", "0", "attn")) == 4.0
+    assert scale(("blocks", "0", "mlp")) == 1.0
     only = surgery.qwix_lora_scale([qwix.LoraRule(module_path="head", rank=2, alpha=6.0)])
-    assert only("['head']['kernel_lora_{a,b}']") == 3.0
+    assert only(("head",)) == 3.0
     with pytest.raises(KeyError, match=r"no rule matches the module path 'embed'"):
-        only("['embed']['kernel_lora_{a,b}']")
+        only(("embed",))
+    # What lora_muon passes: the pair's PairName, a string with its structured path.
+    params = {
+        "params": {"head": {"kernel_lora_a": jnp.ones((4, 2)), "kernel_lora_b": jnp.ones((2, 3))}}
+    }
+    (pair,) = find_lora_pairs(params)
+    assert only(pair.name) == 3.0 and only(pair) == 3.0

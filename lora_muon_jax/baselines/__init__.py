@@ -19,7 +19,7 @@ from lora_muon_jax.baselines._dense_muon import (
     scale_by_dense_muon,
 )
 from lora_muon_jax.baselines._lora_rite import (
-    ScaleByLoraRiteState,
+    ScaleByLoRARiteState,
     lora_rite,
     lora_rite_direction,
     scale_by_lora_rite,
@@ -34,7 +34,7 @@ from lora_muon_jax.baselines._spectron import (
 __all__ = [
     "ScaleByDecoupledStepState",
     "ScaleByDenseMuonState",
-    "ScaleByLoraRiteState",
+    "ScaleByLoRARiteState",
     "ScaleBySpectronState",
     "default_is_matrix",
     "dense_muon",

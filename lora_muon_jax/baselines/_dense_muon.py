@@ -22,14 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_muon_jax import _base
 from lora_muon_jax._polar import matrix_sign
-from lora_muon_jax.baselines._common import (
-    F32,
-    ema_momenta,
-    increment,
-    learning_rate_at,
-    partition_with_fallback,
-)
+
+F32 = jnp.float32
+ema_momenta = _base.ema_momenta
+increment = _base.increment
 
 # (key path as strings, leaf) -> True if the leaf is a matrix Muon should step.
 MatrixPredicate = Callable[[tuple[str, ...], Any], bool]
@@ -112,32 +110,13 @@ def scale_by_decoupled_step(
     learning_rate: optax.ScalarOrSchedule, weight_decay: float | jax.Array = 0.01
 ) -> optax.GradientTransformationExtraArgs:
     """``update = -η D − λη W``: dense Muon's ``W ← (1 − λη) W − η D`` (needs params)."""
-
-    def init_fn(params: optax.Params) -> ScaleByDecoupledStepState:
-        del params
-        return ScaleByDecoupledStepState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleByDecoupledStepState]:
-        del extra_args
-        state = cast(ScaleByDecoupledStepState, state)
-        if params is None:
-            raise ValueError("dense Muon's weight decay needs `params`: update(g, state, params)")
-        lr = learning_rate_at(learning_rate, state.count)
-        decay = jnp.asarray(weight_decay, F32) * lr
-
-        def leaf(d: jax.Array, w: jax.Array) -> jax.Array:
-            return (-lr * d.astype(F32) - decay * w.astype(F32)).astype(d.dtype)
-
-        return jax.tree.map(leaf, updates, params), ScaleByDecoupledStepState(
-            increment(state.count)
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.scale_by_scaled_step(
+        learning_rate,
+        weight_decay,
+        rule="decoupled",
+        state_type=ScaleByDecoupledStepState,
+        name="scale_by_decoupled_step",
+    )
 
 
 def dense_muon(
@@ -198,10 +177,10 @@ def dense_muon(
 
         return jax.tree_util.tree_map_with_path(label, params)
 
-    return partition_with_fallback(
-        "matrix",
+    return _base.fallback_partition(
         matrix_tx,
         labels,
+        label="matrix",
         learning_rate=learning_rate,
         fallback=fallback,
         fallback_learning_rate=fallback_learning_rate,

@@ -20,28 +20,21 @@ arXiv:2410.20625, 2024 (simplified as in Cesista et al., arXiv:2606.12921).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs
-from lora_muon_jax.baselines._common import (
-    F32,
-    ema_momenta,
-    increment,
-    lora_labels,
-    math_views,
-    partition_with_fallback,
-    resolve_all_pairs,
-)
+from lora_muon_jax import _base, _deprecation, _pairs
 from lora_muon_jax.baselines._dense_muon import scale_by_decoupled_step
+
+F32 = jnp.float32
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class ScaleByLoraRiteState(NamedTuple):
+class ScaleByLoRARiteState(NamedTuple):
     """State of ``scale_by_lora_rite``: one momentum per factor."""
 
     count: jax.Array  # int32[], number of updates so far
@@ -101,44 +94,33 @@ def scale_by_lora_rite(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
     """
-    who = "scale_by_lora_rite"
 
-    def init_fn(params: optax.Params) -> ScaleByLoraRiteState:
-        resolve_all_pairs(params, pair_rule, dimension_numbers, who)
-        return ScaleByLoraRiteState(
-            count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype)
-        )
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleByLoraRiteState]:
-        del extra_args
-        state = cast(ScaleByLoraRiteState, state)
-        pairs = resolve_all_pairs(updates, pair_rule, dimension_numbers, who)
-        if params is None:
-            raise ValueError(f"{who} needs `params` (the factors' QR defines the step)")
-        grads, treedef = jax.tree_util.tree_flatten(updates)
-        factors = treedef.flatten_up_to(params)
-        mus = treedef.flatten_up_to(state.mu)
-        new_mu = ema_momenta(mus, grads, momentum)
-        out: list[Any] = list(grads)
+    def direction(
+        pairs: list[_pairs.LoRAPair],
+        factors: list[jax.Array],
+        momenta: list[jax.Array],
+        extra: tuple[Any, ...],
+    ) -> tuple[dict[int, jax.Array], tuple[Any, ...]]:
+        out: dict[int, jax.Array] = {}
         for p in pairs:
-            a, b = math_views(factors, p)
-            mu_a, mu_b = math_views(new_mu, p)
+            a, b = _pairs.math_views(factors, p)
+            mu_a, mu_b = _pairs.math_views(momenta, p)
             d_a, d_b = lora_rite_direction(a, b, mu_a, mu_b)
             for index, d, role in ((p.a_index, d_a, "a"), (p.b_index, d_b, "b")):
-                out[index] = _pairs.from_math_layout(d, p, role).astype(grads[index].dtype)  # type: ignore[arg-type]
-        return jax.tree_util.tree_unflatten(treedef, out), ScaleByLoraRiteState(
-            count=increment(state.count),
-            mu=jax.tree_util.tree_unflatten(
-                treedef, [m.astype(o.dtype) for m, o in zip(new_mu, mus, strict=True)]
-            ),
-        )
+                out[index] = _pairs.from_math_layout(d, p, role)  # type: ignore[arg-type]
+        return out, extra
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.scale_by_pair_direction(
+        direction,
+        name="scale_by_lora_rite",
+        full_optimizer="lora_rite(...)",
+        state_type=ScaleByLoRARiteState,
+        cast_to_grads=True,
+        momentum=momentum,
+        mu_dtype=mu_dtype,
+        pair_rule=pair_rule,
+        dimension_numbers=dimension_numbers,
+    )
 
 
 def lora_rite(
@@ -192,13 +174,17 @@ def lora_rite(
         ),
         scale_by_decoupled_step(learning_rate, weight_decay),
     )
-    return partition_with_fallback(
-        "lora",
+    return _base.fallback_partition(
         factor_tx,
-        lora_labels(pair_rule, dimension_numbers),
+        _base.pair_labels(pair_rule, dimension_numbers),
         learning_rate=learning_rate,
         fallback=fallback,
         fallback_learning_rate=fallback_learning_rate,
         fallback_weight_decay=fallback_weight_decay,
         mu_dtype=mu_dtype,
     )
+
+
+__getattr__ = _deprecation.renamed(
+    __name__, {"ScaleByLoraRiteState": ("ScaleByLoRARiteState", ScaleByLoRARiteState)}
+)

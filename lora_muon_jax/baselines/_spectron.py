@@ -18,24 +18,18 @@ summary does not specify Spectron's weight decay.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs
+from lora_muon_jax import _base, _pairs
 from lora_muon_jax._polar import matrix_sign
-from lora_muon_jax.baselines._common import (
-    F32,
-    ema_momenta,
-    increment,
-    lora_labels,
-    math_views,
-    partition_with_fallback,
-    resolve_all_pairs,
-)
 from lora_muon_jax.baselines._dense_muon import scale_by_decoupled_step
+
+F32 = jnp.float32
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Power-iteration steps per optimizer step (warm-started, so a few suffice).
@@ -99,59 +93,46 @@ def scale_by_spectron(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
     """
-    who = "scale_by_spectron"
 
-    def init_fn(params: optax.Params) -> ScaleBySpectronState:
-        pairs = resolve_all_pairs(params, pair_rule, dimension_numbers, who)
+    def init_extra(pairs: list[_pairs.LoRAPair]) -> tuple[Any, ...]:
         vectors = []
         for p in pairs:
-            nb = p.dims.num_batch_axes or 0
-            n = 1
-            for d in p.a_shape[:nb]:
-                n *= d
+            n = math.prod(p.a_shape[: p.dims.num_batch_axes or 0])
             vectors.append((_initial_vector(n, p.rank), _initial_vector(n, p.rank)))
-        return ScaleBySpectronState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            power_vectors=tuple(vectors),
-        )
+        return (tuple(vectors),)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleBySpectronState]:
-        del extra_args
-        state = cast(ScaleBySpectronState, state)
-        pairs = resolve_all_pairs(updates, pair_rule, dimension_numbers, who)
-        if params is None:
-            raise ValueError(f"{who} needs `params` (the factors' norms set the step size)")
-        grads, treedef = jax.tree_util.tree_flatten(updates)
-        factors = treedef.flatten_up_to(params)
-        mus = treedef.flatten_up_to(state.mu)
-        new_mu = ema_momenta(mus, grads, momentum)
-        out: list[Any] = list(grads)
+    def direction(
+        pairs: list[_pairs.LoRAPair],
+        factors: list[jax.Array],
+        momenta: list[jax.Array],
+        extra: tuple[Any, ...],
+    ) -> tuple[dict[int, jax.Array], tuple[Any, ...]]:
+        (power_vectors,) = extra
+        out: dict[int, jax.Array] = {}
         new_vectors = []
-        for p, (v_a, v_b) in zip(pairs, state.power_vectors, strict=True):
-            a, b = math_views(factors, p)
-            mu_a, mu_b = math_views(new_mu, p)
+        for p, (v_a, v_b) in zip(pairs, power_vectors, strict=True):
+            a, b = _pairs.math_views(factors, p)
+            mu_a, mu_b = _pairs.math_views(momenta, p)
             norm_a, v_a = spectral_norm_power(a, v_a, power_iterations)
             norm_b, v_b = spectral_norm_power(b, v_b, power_iterations)
             new_vectors.append((v_a, v_b))
             rho = (1.0 / (norm_a + norm_b + 1.0))[:, None, None]
             for index, mu, role in ((p.a_index, mu_a, "a"), (p.b_index, mu_b, "b")):
-                d = _pairs.from_math_layout(rho * matrix_sign(mu), p, role)  # type: ignore[arg-type]
-                out[index] = d.astype(grads[index].dtype)
-        return jax.tree_util.tree_unflatten(treedef, out), ScaleBySpectronState(
-            count=increment(state.count),
-            mu=jax.tree_util.tree_unflatten(
-                treedef, [m.astype(o.dtype) for m, o in zip(new_mu, mus, strict=True)]
-            ),
-            power_vectors=tuple(new_vectors),
-        )
+                out[index] = _pairs.from_math_layout(rho * matrix_sign(mu), p, role)  # type: ignore[arg-type]
+        return out, (tuple(new_vectors),)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.scale_by_pair_direction(
+        direction,
+        name="scale_by_spectron",
+        full_optimizer="spectron(...)",
+        state_type=ScaleBySpectronState,
+        init_extra=init_extra,
+        cast_to_grads=True,
+        momentum=momentum,
+        mu_dtype=mu_dtype,
+        pair_rule=pair_rule,
+        dimension_numbers=dimension_numbers,
+    )
 
 
 def spectron(
@@ -209,10 +190,9 @@ def spectron(
         ),
         scale_by_decoupled_step(learning_rate, weight_decay),
     )
-    return partition_with_fallback(
-        "lora",
+    return _base.fallback_partition(
         factor_tx,
-        lora_labels(pair_rule, dimension_numbers),
+        _base.pair_labels(pair_rule, dimension_numbers),
         learning_rate=learning_rate,
         fallback=fallback,
         fallback_learning_rate=fallback_learning_rate,

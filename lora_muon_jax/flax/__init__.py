@@ -2,7 +2,7 @@
 
 Import explicitly (needs ``flax``; the core ``lora_muon_jax`` does not):
 
-* ``lora_muon_jax.flax.linen``: ``LoraDense``, ``LoraDenseGeneral``, ``lora_scale_fn``.
+* ``lora_muon_jax.flax.linen``: ``LoRADense``, ``LoRADenseGeneral``, ``lora_scale_fn``.
 * ``lora_muon_jax.flax.nnx``: ``LoRALinearGeneral``, ``LoRAAdapter``, ``lora_scale_fn``.
 * ``lora_muon_jax.flax.surgery``: ``lorafy`` (NNX), ``merge_lora``/``unmerge_lora`` (NNX),
   ``lora_labels``, ``load_pretrained``, ``merge_lora_params``/``unmerge_lora_params`` (trees),
@@ -15,6 +15,6 @@ layout ``lora_muon`` pairs by default, and declares its scale ``s = α/r`` throu
 ``lora_scale_fn`` (pass it as ``lora_muon(..., lora_scale=...)``).
 """
 
-from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoraScaleMap
+from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoRAScaleMap
 
-__all__ = ["INIT_MODES", "InitMode", "LoraScaleMap"]
+__all__ = ["INIT_MODES", "InitMode", "LoRAScaleMap"]

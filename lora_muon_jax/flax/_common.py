@@ -5,19 +5,20 @@ An adapted weight is ``W = W_pre + s · lora_a ⋅ lora_b`` with ``s = α / r`` 
 otherwise (``nnx.LoRA``'s convention). ``lora_a`` has shape ``(*in, r)`` and
 ``lora_b`` ``(r, *out)``; ``⋅`` contracts the rank axis, so the product has the
 base kernel's shape ``(*in, *out)``. The optimizer needs ``s`` (its
-``lora_scale``) to keep η a spectral radius on W; ``LoraScaleMap`` carries it.
+``lora_scale``) to keep η a spectral radius on W; ``LoRAScaleMap`` carries it.
+
 """
 
 from __future__ import annotations
 
-import ast
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+
+from lora_muon_jax._pairs import module_path_of
 
 InitMode = Literal["standard", "native"]
 
@@ -165,48 +166,28 @@ def default_lora_b_init(init: str) -> Callable[..., jax.Array]:
 
 
 # ---------------------------------------------------------------------------
-# Pair names -> scales
+# Pairs -> scales
 # ---------------------------------------------------------------------------
 
-_KEY = re.compile(r"\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|-?\d+)\]")
 
+class LoRAScaleMap:
+    """``f(pair) -> s``: the ``lora_scale`` callable ``lora_muon`` accepts.
 
-def pair_name_keys(name: str) -> tuple[str, ...]:
-    """Keys of a pair name as ``find_lora_pairs`` writes it: ``"['a']['b']"`` -> ``('a', 'b')``."""
-    keys, pos = [], 0
-    for match in _KEY.finditer(name):
-        if match.start() != pos:
-            break
-        keys.append(str(ast.literal_eval(match.group(1))))
-        pos = match.end()
-    if pos != len(name) or not keys:
-        raise ValueError(f"cannot read the pair name {name!r} (expected \"['key']['key']...\")")
-    return tuple(keys)
-
-
-def pair_module_path(name: str) -> tuple[str, ...]:
-    """The module path of a pair: its keys without the last (``lora_{a,b}``, ``w_lora_{a,b}``)."""
-    keys = pair_name_keys(name)
-    return keys[:-1]
-
-
-class LoraScaleMap:
-    """``f(pair_name) -> s``: the ``lora_scale`` callable ``lora_muon`` accepts.
-
-    Holds ``{module path: s}`` for the pairs ``lora_a``/``lora_b`` that LoRA
-    modules own (a module at path ``p`` owns the pair named ``[*p, 'lora_{a,b}']``).
-    A pair name may carry a prefix (``['params']``, an outer collection): the
-    longest known module path that ends the pair's module path wins. A pair no
-    module owns gets ``default``, or raises a ``KeyError`` naming the pair and the
-    known paths when ``default`` is ``None``.
+    Holds ``{module path: s}`` for the pairs that LoRA modules own; a pair is
+    looked up by its structured ``module_path`` (``lora_muon`` passes each
+    pair's ``PairName``; a ``LoRAPair`` or a module-path tuple work too), never by
+    parsing a string. The path may carry a prefix (``('params', ...)``, an outer
+    collection): the longest known module path that ends the pair's wins. A pair
+    no module owns gets ``default``, or raises a ``KeyError`` naming the pair and
+    the known paths when ``default`` is ``None``.
     """
 
     def __init__(self, scales: Mapping[tuple[str, ...], float], default: float | None = None):
         self.scales = {tuple(str(k) for k in path): float(s) for path, s in scales.items()}
         self.default = default
 
-    def __call__(self, pair_name: str) -> float:
-        path = pair_module_path(pair_name)
+    def __call__(self, pair: Any) -> float:
+        path = module_path_of(pair)
         best: tuple[str, ...] | None = None
         for known in self.scales:
             if len(known) <= len(path) and path[len(path) - len(known) :] == known:
@@ -218,9 +199,9 @@ class LoraScaleMap:
             return float(self.default)
         known_str = ", ".join("/".join(k) or "<root>" for k in self.scales) or "none"
         raise KeyError(
-            f"no LoRA module of known scale owns the pair {pair_name}; known module paths: "
-            f"{known_str}. Pass default=... for pairs made elsewhere (e.g. nnx.LoRA: 1.0)."
+            f"no LoRA module of known scale owns the pair at {'/'.join(path)}; known module "
+            f"paths: {known_str}. Pass default=... for pairs made elsewhere (e.g. nnx.LoRA: 1.0)."
         )
 
     def __repr__(self) -> str:
-        return f"LoraScaleMap({self.scales!r}, default={self.default!r})"
+        return f"LoRAScaleMap({self.scales!r}, default={self.default!r})"

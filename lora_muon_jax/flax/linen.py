@@ -1,6 +1,6 @@
 """Flax Linen LoRA layers whose parameter trees ``lora_muon`` understands out of the box.
 
-``LoraDenseGeneral`` (and ``LoraDense``, its one-axis form) computes
+``LoRADenseGeneral`` (and ``LoRADense``, its one-axis form) computes
 
     y = x ⋅ W_pre + s · (x ⋅ lora_a) ⋅ lora_b + bias,   s = α / r (or 1 without ``alpha``),
 
@@ -34,14 +34,14 @@ from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
 from lora_muon_jax.flax import _common
-from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoraScaleMap
+from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoRAScaleMap
 
 __all__ = [
     "INIT_MODES",
     "InitMode",
-    "LoraDense",
-    "LoraDenseGeneral",
-    "LoraScaleMap",
+    "LoRADense",
+    "LoRADenseGeneral",
+    "LoRAScaleMap",
     "lora_scale_fn",
     "lora_scales",
 ]
@@ -66,7 +66,7 @@ def _partitioned(init: Initializer, names: LogicalNames | None) -> Initializer:
     return init if names is None else nn.with_logical_partitioning(init, tuple(names))
 
 
-class LoraDenseGeneral(nn.Module):
+class LoRADenseGeneral(nn.Module):
     """A DenseGeneral layer with a LoRA adapter (frozen base kernel + trainable factors).
 
     ``y = x ⋅ kernel + s · (x ⋅ lora_a) ⋅ lora_b + bias``, contracting the input
@@ -214,11 +214,11 @@ class LoraDenseGeneral(nn.Module):
         return y
 
 
-class LoraDense(LoraDenseGeneral):
+class LoRADense(LoRADenseGeneral):
     """``nn.Dense`` with a LoRA adapter: ``kernel (in, features)``, ``lora_a (in, r)``,
     ``lora_b (r, features)``, over the last input axis.
 
-    Same attributes as ``LoraDenseGeneral`` with an int ``features`` (leave
+    Same attributes as ``LoRADenseGeneral`` with an int ``features`` (leave
     ``axis`` at -1). Its ``kernel``/``bias`` have ``nn.Dense``'s names and shapes,
     so a pretrained ``nn.Dense`` tree loads into it and a merged tree loads back.
     """
@@ -236,7 +236,7 @@ def lora_scales(
     """``{module path: s}`` of every LoRA layer that ``model.init(rngs, *init_args)`` calls.
 
     Runs ``model.init`` under ``jax.eval_shape`` (no FLOPs, no memory) with a
-    method interceptor that records each ``LoraDenseGeneral``'s scope path and
+    method interceptor that records each ``LoRADenseGeneral``'s scope path and
     ``s = α/r``. Paths are the layers' paths in the ``params`` collection (a
     layer inside ``nn.scan``/``nn.remat``/``nn.vmap`` keeps its path).
 
@@ -253,7 +253,7 @@ def lora_scales(
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
-        if isinstance(module, LoraDenseGeneral) and context.method_name == "__call__":
+        if isinstance(module, LoRADenseGeneral) and context.method_name == "__call__":
             assert module.scope is not None
             found[tuple(module.scope.path)] = module.lora_scale
         return next_fun(*args, **kwargs)
@@ -271,19 +271,19 @@ def lora_scale_fn(
     rngs: Any = None,
     method: Callable[..., Any] | str | None = None,
     **init_kwargs: Any,
-) -> LoraScaleMap:
+) -> LoRAScaleMap:
     """The ``lora_scale`` callable for ``lora_muon``: pair name -> ``s = α/r`` of its layer.
 
     Example::
 
-        model = MyModel()                       # uses LoraDense(..., rank=8, alpha=16)
+        model = MyModel()                       # uses LoRADense(..., rank=8, alpha=16)
         params = model.init(key, x)["params"]
         tx = lora_muon(0.1, lora_scale=lora_scale_fn(model, x))
 
     Args:
       model, *init_args, rngs, method, **init_kwargs: as in ``lora_scales``.
-      default: the scale of pairs no ``LoraDenseGeneral`` owns (e.g. qwix's:
+      default: the scale of pairs no ``LoRADenseGeneral`` owns (e.g. qwix's:
         ``alpha/rank``); ``None`` makes such pairs raise a ``KeyError``.
     """
     scales = lora_scales(model, *init_args, rngs=rngs, method=method, **init_kwargs)
-    return LoraScaleMap(scales, default=default)
+    return LoRAScaleMap(scales, default=default)

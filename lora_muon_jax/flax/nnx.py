@@ -29,15 +29,15 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
 from lora_muon_jax.flax import _common
-from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoraScaleMap
+from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoRAScaleMap
 
 __all__ = [
     "INIT_MODES",
-    "EinsumLoraSpec",
+    "EinsumLoRASpec",
     "InitMode",
     "LoRAAdapter",
     "LoRALinearGeneral",
-    "LoraScaleMap",
+    "LoRAScaleMap",
     "einsum_lora_spec",
     "lora_scale_fn",
 ]
@@ -191,7 +191,7 @@ class LoRALinearGeneral(nnx.Module):
 # ---------------------------------------------------------------------------
 
 
-class EinsumLoraSpec(NamedTuple):
+class EinsumLoRASpec(NamedTuple):
     """How a LoRA pair attaches to a kernel contracted by an einsum.
 
     Kernel axes are split into *batch* axes (in the input and the output: one
@@ -212,7 +212,7 @@ class EinsumLoraSpec(NamedTuple):
 
 def einsum_lora_spec(
     einsum_str: str, kernel_shape: Sequence[int], rank: int, where: str = "einsum"
-) -> EinsumLoraSpec:
+) -> EinsumLoRASpec:
     """The LoRA factor layout of the kernel (second operand) of ``einsum_str``.
 
     Example: ``'btd,dnh->btnh'`` with kernel ``(d, n, h)`` gives
@@ -250,7 +250,7 @@ def einsum_lora_spec(
     b_sub = batch_s + r_char + "".join(rhs[i] for i in output)
     shape = tuple(kernel_shape)
     _common.check_rank(where, rank, [shape[i] for i in contracted], [shape[i] for i in output])
-    return EinsumLoraSpec(
+    return EinsumLoRASpec(
         delta_equation=f"{lhs},{a_sub},{b_sub}->{out}",
         kernel_equation=f"{a_sub},{b_sub}->{rhs}",
         a_shape=(*(shape[i] for i in (*batch, *contracted)), rank),
@@ -261,7 +261,7 @@ def einsum_lora_spec(
     )
 
 
-def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoraSpec:
+def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoRASpec:
     kernel = getattr(base, "kernel", None)
     if not isinstance(kernel, nnx.Variable):
         raise TypeError(f"{where}: {type(base).__name__} has no kernel parameter")
@@ -408,7 +408,7 @@ def lora_scales(model: nnx.Module) -> dict[tuple[str, ...], float]:
     return scales
 
 
-def lora_scale_fn(model: nnx.Module, *, default: float | None = None) -> LoraScaleMap:
+def lora_scale_fn(model: nnx.Module, *, default: float | None = None) -> LoRAScaleMap:
     """The ``lora_scale`` callable of ``lora_muon`` for ``model``'s LoRA modules.
 
     Example::
@@ -421,4 +421,4 @@ def lora_scale_fn(model: nnx.Module, *, default: float | None = None) -> LoraSca
       default: scale of pairs no known module owns (qwix-made pairs: its
         ``alpha / rank``); ``None`` makes them raise a ``KeyError``.
     """
-    return LoraScaleMap(lora_scales(model), default=default)
+    return LoRAScaleMap(lora_scales(model), default=default)

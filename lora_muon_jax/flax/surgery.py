@@ -22,7 +22,7 @@ Linen and any params tree (pure functions on nested dicts):
   (``alpha / rank`` of the first ``LoraRule`` whose ``module_path`` matches).
 * ``merge_lora_params(params, lora_scale)`` -> a tree without factors whose
   kernels are ``W_pre + s · lora_a ⋅ lora_b`` (loads into the plain model:
-  ``LoraDense`` -> ``nn.Dense``); ``unmerge_lora_params(merged, params, lora_scale)``
+  ``LoRADense`` -> ``nn.Dense``); ``unmerge_lora_params(merged, params, lora_scale)``
   recovers the adapted tree. Works on trees of this package's layers, qwix's
   (``kernel_lora_a``/``kernel_lora_b`` next to ``kernel``) and ``nnx.state``
   dicts of ``nnx.LoRA``/``nnx.LoRALinear``; stacked (``nn.scan``) layers merge
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 Path = tuple[str, ...]
-LoraScaleArg = float | Callable[[str], float]
+LoRAScaleArg = float | Callable[[str], float]
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def load_pretrained(params: Any, pretrained: Any) -> dict[str, Any]:
     return _nested(flat)
 
 
-def _pair_paths(flat_keys: list[Path], pair: _pairs.LoraPair) -> tuple[Path, Path]:
+def _pair_paths(flat_keys: list[Path], pair: _pairs.LoRAPair) -> tuple[Path, Path]:
     return flat_keys[pair.a_index], flat_keys[pair.b_index]
 
 
@@ -348,12 +348,12 @@ def _base_candidates(a_path: Path) -> list[Path]:
     return []
 
 
-def _scale(lora_scale: LoraScaleArg, name: str) -> float:
+def _scale(lora_scale: LoRAScaleArg, name: str) -> float:
     return float(lora_scale(name) if callable(lora_scale) else lora_scale)
 
 
 def _delta(
-    a: jax.Array, b: jax.Array, pair: _pairs.LoraPair, kernel_shape: tuple[int, ...], where: str
+    a: jax.Array, b: jax.Array, pair: _pairs.LoRAPair, kernel_shape: tuple[int, ...], where: str
 ) -> jax.Array:
     """``lora_a ⋅ lora_b`` (float32) in ``kernel_shape``."""
     dims = pair.dims
@@ -374,7 +374,7 @@ def _delta(
     return delta
 
 
-def merge_lora_params(params: Any, lora_scale: LoraScaleArg = 1.0) -> dict[str, Any]:
+def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, Any]:
     """Fold every LoRA pair into its base kernel and drop the factors: the plain model's tree.
 
     ``kernel ← kernel + s · lora_a ⋅ lora_b`` (float32 math, the kernel's dtype
@@ -391,7 +391,7 @@ def merge_lora_params(params: Any, lora_scale: LoraScaleArg = 1.0) -> dict[str, 
 
     Returns:
       A nested dict without LoRA factors, e.g. the ``params`` of ``nn.Dense``
-      layers where the model had ``LoraDense``.
+      layers where the model had ``LoRADense``.
     """
     flat = _flat(params)
     keys = list(flat)
@@ -415,7 +415,7 @@ def merge_lora_params(params: Any, lora_scale: LoraScaleArg = 1.0) -> dict[str, 
     return _nested(out)
 
 
-def unmerge_lora_params(merged: Any, params: Any, lora_scale: LoraScaleArg = 1.0) -> dict[str, Any]:
+def unmerge_lora_params(merged: Any, params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, Any]:
     """Invert ``merge_lora_params``: the adapted tree, with its kernels recovered from ``merged``.
 
     ``kernel = merged kernel − s · lora_a ⋅ lora_b`` with the factors of
@@ -473,7 +473,8 @@ def qwix_lora_scale(rules: Any) -> Callable[[str], float]:
         (any objects with ``module_path``, ``rank`` and ``alpha``).
 
     Returns:
-      ``f(pair_name) -> alpha / rank``; raises a ``KeyError`` for a pair no rule
+      ``f(pair) -> alpha / rank`` (a ``LoRAPair``, its ``PairName`` or a module
+      path tuple); raises a ``KeyError`` for a pair no rule
       matches. Rules' ``op_names`` are not consulted: give rules that differ in
       scale distinct ``module_path`` patterns.
     """
@@ -483,8 +484,8 @@ def qwix_lora_scale(rules: Any) -> Callable[[str], float]:
             raise TypeError(f"qwix_lora_scale: {rule!r} is not a qwix LoraRule")
     compiled = [(re.compile(rule.module_path), float(rule.alpha) / rule.rank) for rule in rules]
 
-    def scale(pair_name: str) -> float:
-        path = _common.pair_module_path(pair_name)
+    def scale(pair: Any) -> float:
+        path = _pairs.module_path_of(pair)
         if path and path[0] == "params":
             path = path[1:]
         joined = "/".join(path)
@@ -492,7 +493,7 @@ def qwix_lora_scale(rules: Any) -> Callable[[str], float]:
             if regex.fullmatch(joined):
                 return value
         raise KeyError(
-            f"qwix_lora_scale: no rule matches the module path {joined!r} of pair {pair_name} "
+            f"qwix_lora_scale: no rule matches the module path {joined!r} of pair {pair} "
             f"(rules: {[rule.module_path for rule in rules]})"
         )
 
