@@ -233,7 +233,7 @@ def scale_by_pair_direction(
             mu_hat = ema_momenta(new_mu, grads, momentum) if nesterov else new_mu
         with jax.named_scope(f"{name}/direction"):
             directions, extra = direction(pairs, factors, mu_hat, tuple(st[2:]))
-        out = [directions.get(i, g) for i, g in enumerate(grads)]
+        out = [directions[i] if i in directions else g for i, g in enumerate(grads)]
         if cast_to_grads:
             out = [u.astype(g.dtype) for u, g in zip(out, grads, strict=True)]
         new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]

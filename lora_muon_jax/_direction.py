@@ -43,12 +43,13 @@ Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from lora_muon_jax import _polar, _stacking
+from lora_muon_jax import _polar, _robust, _stacking
+from lora_muon_jax._factors import FactorPair, dtype_of, mm, tall, times, unit_scaled
 
 Method = Literal["gram", "paper"]
 # One registry: validates `method` everywhere and documents each value.
@@ -78,33 +79,6 @@ FAST_MAX_INVERSE_EIGENVALUE = 1e4
 # compute dtype (float32: [1.4e-31, 7e30]) for the fast form: its products of
 # factor entries, roots and scalars then neither underflow nor overflow.
 FAST_RANGE_EXPONENT = 0.8
-# Robust form: damping of the first factor root (relative to ‖S‖_F), the
-# filters' τ for the factor whitening and the polar finish, and the Newton–Schulz
-# steps (the first five minimax quintics of the inverse-root schedule: they lift
-# the smallest singular values ~1300×, the float32 rounding floor of a
-# rank-deficient M R stays below the polar filter's τ).
-ROBUST_FACTOR_SHIFTS = (1e-2, 1e-2, 1e-2)
-ROBUST_FACTOR_TAU = 1e-5
-ROBUST_POLAR_TAU = 1e-5
-ROBUST_NEWTON_SCHULZ = _polar.GRAM_INV_SQRT_COEFFS[:4]
-
-
-class FactorPair(NamedTuple):
-    """A pair, or a stack of N pairs, in 3-axis views: (N, m, r), or (N, r, m) if rank-first.
-
-    Attributes:
-      a: ``A`` (``lora_a``), ``(N, m, r)``; ``(N, r, m)`` holds ``Aᵀ`` when ``a_rank_first``.
-      b: ``B`` (``lora_bᵀ``), ``(N, n, r)``; ``(N, r, n)`` holds ``Bᵀ`` when ``b_rank_first``.
-      mu_a: momentum of ``a``, same shape and orientation.
-      mu_b: momentum of ``b``, same shape and orientation.
-    """
-
-    a: jax.Array
-    b: jax.Array
-    mu_a: jax.Array
-    mu_b: jax.Array
-    a_rank_first: bool = False
-    b_rank_first: bool = False
 
 
 def check_method(method: str) -> None:
@@ -113,23 +87,6 @@ def check_method(method: str) -> None:
             f"method must be one of {sorted(METHODS)}, got {method!r}. "
             + "; ".join(f"{k!r}: {v}" for k, v in METHODS.items())
         )
-
-
-def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.matmul(x, y, precision=_HIGHEST)
-
-
-def _times(x: jax.Array, k: jax.Array, rank_first: bool) -> jax.Array:
-    """``x @ k`` in the math layout: ``x k`` for (N, m, r), ``kᵀ x`` for (N, r, m)."""
-    return _mm(_polar._mT(k), x) if rank_first else _mm(x, k)
-
-
-def _tall(p: FactorPair) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    return p.a, p.b, p.mu_a, p.mu_b
-
-
-def _dtype(p: FactorPair) -> jnp.dtype:
-    return _polar.compute_dtype(p.a.dtype, p.b.dtype, p.mu_a.dtype, p.mu_b.dtype)
 
 
 def _batched(
@@ -162,89 +119,21 @@ def _in_range(g: jax.Array, x: jax.Array) -> jax.Array:
 
 def _inverse_eigenvalue_bound(z: jax.Array) -> jax.Array:
     """``‖Z⁴‖_F^{1/2}`` for ``Z = (P̂ + εI)^{-1/2}``: in ``[1, r^{1/4}] / (λ̂_min + ε)``."""
-    z2 = _mm(z, z)
-    z4 = _mm(z2, z2)
+    z2 = mm(z, z)
+    z4 = mm(z2, z2)
     return jnp.sqrt(jnp.sqrt(jnp.sum(z4 * z4, axis=(-2, -1))))
-
-
-def _unit_scaled(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """``x = c · x̂`` with ``max|x̂| = 1`` per matrix (c = 1 for a zero matrix)."""
-    x = x.astype(dtype)
-    c = jnp.max(jnp.abs(x), axis=(-2, -1))
-    c = jnp.where(c >= _polar.tiny(dtype), c, 1.0)
-    return x / c[..., None, None], c
-
-
-# ---------------------------------------------------------------- robust form
-
-
-def _whitener(f: jax.Array, rank_first: bool) -> jax.Array:
-    """``L`` (r×r) with ``f L`` a partial isometry: shifted CholeskyQR with a contraction filter.
-
-    Each stage takes the Gram of the current tall ``q`` (``q = f`` at first),
-    ``R = (Ĝ + εI)^{-1/2}`` and moves on to ``q R``; a stage lifts the
-    smallest singular values by up to ε^{-1/2} while amplifying the null
-    space of f by no more than that. The last Gram goes through the
-    contraction filter, so the singular values of ``f L`` are at most 1,
-    1 − O(τ) on the directions f resolves and near 0 on its numerical null
-    space. Any such L serves: ``msign(M L) Lᵀ`` does not depend on the basis.
-    """
-    l = None
-    q = f
-    for eps in ROBUST_FACTOR_SHIFTS:
-        x, scale = _polar.inverse_sqrt_normalized(
-            _polar.gram(q, rank_first=rank_first), "gram", eps=eps
-        )
-        r = x * scale[..., None, None]
-        q = _times(q, r, rank_first)
-        l = r if l is None else _mm(l, r)
-    assert l is not None
-    f = _polar.polar_finish(_polar.gram(q, rank_first=rank_first), ROBUST_FACTOR_TAU)
-    # Certify on the Gram of the f L actually formed: ‖f L‖₂ <= 1.
-    y = _times(q, f, rank_first)
-    return _mm(_mm(l, f), _polar.isometry_certificate(_polar.gram(y, rank_first=rank_first)))
-
-
-def _robust_polar(mu: jax.Array, rank_first: bool, l: jax.Array) -> jax.Array:
-    """``≈ msign(M L) Lᵀ`` with every singular value of ``msign`` part at most 1."""
-    x = _times(mu, l, rank_first)
-    t = jnp.trace(_polar.gram(x, rank_first=rank_first), axis1=-2, axis2=-1)
-    safe_t = jnp.where(t >= _polar.tiny(t.dtype), t, 1.0)
-    x = x * jnp.where(t >= _polar.tiny(t.dtype), jax.lax.rsqrt(safe_t), 0.0)[..., None, None]
-    eye = _polar._eye_like(l)
-    for a, b, c in ROBUST_NEWTON_SCHULZ:  # σ ↦ aσ + bσ³ + cσ⁵ on X's singular values
-        h = _polar.gram(x, rank_first=rank_first)
-        x = _times(x, a * eye + b * h + c * _mm(h, h), rank_first)
-    f = _polar.polar_finish(_polar.gram(x, rank_first=rank_first), ROBUST_POLAR_TAU)
-    y = _times(x, f, rank_first)
-    c = _polar.isometry_certificate(_polar.gram(y, rank_first=rank_first))
-    return _times(y, _mm(c, _polar._mT(l)), rank_first)
-
-
-def _robust_directions(p: FactorPair) -> tuple[jax.Array, jax.Array]:
-    dtype = _dtype(p)
-    a, c_a = _unit_scaled(p.a, dtype)
-    b, c_b = _unit_scaled(p.b, dtype)
-    mu_a, _ = _unit_scaled(p.mu_a, dtype)  # the direction does not depend on M's scale
-    mu_b, _ = _unit_scaled(p.mu_b, dtype)
-    l_a = _whitener(a, p.a_rank_first)
-    l_b = _whitener(b, p.b_rank_first)
-    # R_B scales as 1/c_B: U_A = msign(M_A L̂_B) L̂_Bᵀ / c_B.
-    u_a = _robust_polar(mu_a, p.a_rank_first, l_b) / c_b[..., None, None]
-    u_b = _robust_polar(mu_b, p.b_rank_first, l_a) / c_a[..., None, None]
-    return u_a, u_b
 
 
 # ---------------------------------------------------------------- gram method
 
 
 def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
-    dtypes = [_dtype(p) for p in pairs]
+    dtypes = [dtype_of(p) for p in pairs]
     # Tall products 1-4 per pair: S_A, S_B, P_A, P_B.
     grams = [
         [
             _polar.gram(x, rank_first=rf).astype(dt)
-            for x, rf in zip(_tall(p), (p.a_rank_first, p.b_rank_first) * 2, strict=True)
+            for x, rf in zip(tall(p), (p.a_rank_first, p.b_rank_first) * 2, strict=True)
         ]
         for p, dt in zip(pairs, dtypes, strict=True)
     ]
@@ -262,7 +151,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         for x_s, g_p in ((x_sb, gs[2]), (x_sa, gs[3])):
             d = _max_diag(g_p)
             p_hat = g_p / jnp.where(d > 0, d, 1.0)[..., None, None]
-            inner.append(_polar._sym(_mm(x_s, _mm(p_hat, x_s))))
+            inner.append(_polar._sym(mm(x_s, mm(p_hat, x_s))))
     roots_q = _batched(root, inner)
 
     out = []
@@ -271,7 +160,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         (x_qa, t_qa, e_qa), (x_qb, t_qb, e_qb) = roots_q[2 * i], roots_q[2 * i + 1]
         bound = FAST_MAX_INVERSE_EIGENVALUE
         fast = jnp.all(
-            jnp.stack([_in_range(g, x) for g, x in zip(grams[i], _tall(p), strict=True)]), axis=0
+            jnp.stack([_in_range(g, x) for g, x in zip(grams[i], tall(p), strict=True)]), axis=0
         )
         for e in (e_sa, e_sb, e_qa, e_qb):
             fast = fast & (e <= bound)
@@ -283,7 +172,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         ):
             d = _max_diag(g_p)
             inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
-            k = _mm(x_s, _mm(x_q, x_s)) * (t_q * inv_sqrt_d * t_s)[..., None, None]
+            k = mm(x_s, mm(x_q, x_s)) * (t_q * inv_sqrt_d * t_s)[..., None, None]
             ks.append(jnp.where(jnp.isfinite(k), k, 0.0))
 
         flags = (p.a_rank_first, p.b_rank_first)
@@ -291,15 +180,15 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         def fast_form(arrays, ks, dt=dtypes[i], flags=flags):
             _, _, mu_a, mu_b = arrays
             return (
-                _times(mu_a.astype(dt), ks[0], flags[0]),
-                _times(mu_b.astype(dt), ks[1], flags[1]),
+                times(mu_a.astype(dt), ks[0], flags[0]),
+                times(mu_b.astype(dt), ks[1], flags[1]),
             )
 
         def robust_form(arrays, ks, flags=flags):
             del ks
-            return _robust_directions(FactorPair(*arrays, *flags))
+            return _robust.robust_directions(FactorPair(*arrays, *flags))
 
-        out.append(jax.lax.cond(jnp.all(fast), fast_form, robust_form, _tall(p), ks))
+        out.append(jax.lax.cond(jnp.all(fast), fast_form, robust_form, tall(p), ks))
     return out
 
 
@@ -309,7 +198,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
 def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
     # Inputs scaled to unit magnitude first (the direction is invariant to M's
     # scale and R scales as 1/c), so no Gram under- or overflows.
-    scaled = [[_unit_scaled(x, _dtype(p)) for x in _tall(p)] for p in pairs]
+    scaled = [[unit_scaled(x, dtype_of(p)) for x in tall(p)] for p in pairs]
     roots = _batched(
         lambda s: _polar.inverse_sqrt_normalized(s, "paper"),
         [
@@ -330,9 +219,9 @@ def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.
             (mu_b, p.b_rank_first, x_sa, t_sa, c_a),
         ):
             if rank_first:
-                u = _mm(x_s, _polar.matrix_sign(_mm(x_s, mu)))
+                u = mm(x_s, _polar.matrix_sign(mm(x_s, mu)))
             else:
-                u = _mm(_polar.matrix_sign(_mm(mu, x_s)), x_s)
+                u = mm(_polar.matrix_sign(mm(mu, x_s)), x_s)
             directions.append(u * (t_s / c_s)[..., None, None])
         out.append((directions[0], directions[1]))
     return out

@@ -31,17 +31,21 @@ nothing downstream parses a formatted name back.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from lora_muon_jax import _deprecation
+from lora_muon_jax._views import Role as Role
+from lora_muon_jax._views import from_math_layout as from_math_layout
+from lora_muon_jax._views import from_matrix_view as from_matrix_view
+from lora_muon_jax._views import math_views as math_views
+from lora_muon_jax._views import to_math_layout as to_math_layout
+from lora_muon_jax._views import to_matrix_view as to_matrix_view
 
-Role = Literal["a", "b"]
 PairRule = Callable[[tuple[str, ...]], "tuple[Hashable, Role] | None"]
 
 
@@ -381,66 +385,6 @@ def lora_param_labels(
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     labels = [lora_label if i in in_pair else other_label for i in range(len(leaves))]
     return jax.tree_util.tree_unflatten(treedef, labels)
-
-
-def _rank_axis(pair: LoRAPair, role: Role, ndim: int) -> int:
-    nb = pair.dims.num_batch_axes or 0
-    axis = pair.dims.a_rank_axis if role == "a" else pair.dims.b_rank_axis
-    return nb + (axis % (ndim - nb))
-
-
-def to_matrix_view(x: jax.Array, pair: LoRAPair, role: Role) -> tuple[jax.Array, bool]:
-    """A 3-axis view of a factor without moving data when possible.
-
-    Returns ``(view, rank_first)``: ``(N, m, r)`` when the rank axis is the
-    factor's last axis (flax ``lora_a``), ``(N, r, n)`` with ``rank_first``
-    when it is the first non-batch axis (flax ``lora_b``); any other rank
-    position is moved last (a transpose). ``N = prod(batch axes)``.
-    """
-    nb = pair.dims.num_batch_axes or 0
-    rank_axis = _rank_axis(pair, role, x.ndim)
-    batch = math.prod(x.shape[:nb])
-    r = x.shape[rank_axis]
-    if rank_axis == x.ndim - 1:
-        return x.reshape((batch, -1, r)), False
-    if rank_axis == nb:
-        return x.reshape((batch, r, -1)), True
-    return jnp.moveaxis(x, rank_axis, -1).reshape((batch, -1, r)), False
-
-
-def from_matrix_view(y: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
-    """Inverse of ``to_matrix_view`` (for an array in the view's shape)."""
-    shape = pair.a_shape if role == "a" else pair.b_shape
-    rank_axis = _rank_axis(pair, role, len(shape))
-    if rank_axis == len(shape) - 1 or rank_axis == (pair.dims.num_batch_axes or 0):
-        return y.reshape(shape)
-    moved = list(shape)
-    r = moved.pop(rank_axis)
-    return jnp.moveaxis(y.reshape((*moved, r)), -1, rank_axis)
-
-
-def to_math_layout(x: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
-    """``lora_a`` -> ``A`` as (N, m, r); ``lora_b`` -> ``B`` as (N, n, r); N = prod(batch)."""
-    view, rank_first = to_matrix_view(x, pair, role)
-    return jnp.swapaxes(view, -1, -2) if rank_first else view
-
-
-def math_views(
-    leaves: Sequence[jax.Array], pair: LoRAPair, dtype: Any = jnp.float32
-) -> tuple[jax.Array, jax.Array]:
-    """``(A, B)`` of ``pair`` from a tree's leaves, math layout, ``(N, m, r)`` and ``(N, n, r)``."""
-    a = to_math_layout(leaves[pair.a_index], pair, "a").astype(dtype)
-    b = to_math_layout(leaves[pair.b_index], pair, "b").astype(dtype)
-    return a, b
-
-
-def from_math_layout(y: jax.Array, pair: LoRAPair, role: Role) -> jax.Array:
-    """Inverse of ``to_math_layout``."""
-    shape = pair.a_shape if role == "a" else pair.b_shape
-    rank_axis = _rank_axis(pair, role, len(shape))
-    if rank_axis == (pair.dims.num_batch_axes or 0) and rank_axis != len(shape) - 1:
-        return from_matrix_view(jnp.swapaxes(y, -1, -2), pair, role)
-    return from_matrix_view(y, pair, role)
 
 
 __getattr__ = _deprecation.renamed(

@@ -19,60 +19,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-# Paper, Appendix B.3, Table 1: 8 quintic Newton–Schulz steps for msign.
-PAPER_MSIGN_COEFFS: tuple[tuple[float, float, float], ...] = (
-    (7.2086, -15.5131, 9.0178),
-    (3.9623, -2.5813, 0.4542),
-    (3.9466, -2.5765, 0.4544),
-    (3.8991, -2.5671, 0.4566),
-    (3.7186, -2.5308, 0.4653),
-    (3.1390, -2.3073, 0.4733),
-    (2.1715, -1.5246, 0.3885),
-    (1.8648, -1.2224, 0.3577),
+from lora_muon_jax._coefficients import (  # re-exported: tests and tools read them here
+    GRAM_INV_SQRT_COEFFS,
+    GRAM_INV_SQRT_EPS,
+    GRAM_INV_SQRT_FALLBACK_EPS,
+    GRAM_INV_SQRT_TOL,
+    PAPER_INV_SQRT_COEFFS,
+    PAPER_INV_SQRT_EPS,
+    PAPER_INV_SQRT_GAMMA,
+    PAPER_MSIGN_COEFFS,
+    POLISH_MAX_TRACE,
 )
-
-# Paper, Appendix B.4, Table 2: 7 coupled steps for P^{-1/2}, damping and safety.
-PAPER_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
-    (7.424865680309214, -18.39581635618996, 12.896720413604342),
-    (3.4877256051546017, -2.3300436563986993, 0.4404692168431095),
-    (2.7766085124882527, -2.070643152532662, 0.46302261050004967),
-    (1.9913142104341506, -1.373936700681269, 0.3875934979568538),
-    (1.8754637749479246, -1.2505152090010534, 0.37505152463617264),
-    (1.874999066623701, -1.2499981332141676, 0.37499906659046633),
-    (1.875, -1.25, 0.375),
-)
-PAPER_INV_SQRT_EPS = 1e-5
-PAPER_INV_SQRT_GAMMA = 1.001
-
-# Gram form: minimax (Polar Express) steps for eigenvalues of P/‖P‖_F in
-# [1e-8, 1.02], γ = 1.01 folded into the first seven rows; float64 error of the
-# scalar map < 1e-12 over that interval. Derived by
-# `tools/derive_inverse_sqrt_coefficients.py` (re-run in tests/test_polar.py).
-GRAM_INV_SQRT_LOWER = 1e-4  # smallest singular value (√eigenvalue) designed for
-GRAM_INV_SQRT_COEFFS: tuple[tuple[float, float, float], ...] = (
-    (4.214611692100267, -12.265893576806072, 8.925513707659647),
-    (4.213359627997317, -12.255559598461325, 8.916586558506603),
-    (4.208081642565003, -12.212061775744317, 8.879017854998239),
-    (4.185828995712539, -12.029810066752047, 8.72174158091339),
-    (4.092180089903479, -11.282825952802183, 8.079470762803439),
-    (3.7144865405157534, -8.585268496558298, 5.79802192259893),
-    (2.691929973899452, -3.495813971571848, 1.7915065197586353),
-    (1.9425420400757072, -1.3887828245381404, 0.44624078446243315),
-    (1.8750937602226676, -1.2501875274786893, 0.3750937672560217),
-)
-# Damping relative to ‖P‖_F: the schedule covers eigenvalues down to ℓ² = 1e-8.
-GRAM_INV_SQRT_EPS = 1e-8
-# float32 rounding can make a numerically singular Gram slightly indefinite
-# (eigenvalues near -1e-7·‖P‖ were seen); such a matrix diverges. Any matrix
-# whose residual Σ|Z Y − I| / r exceeds GRAM_INV_SQRT_TOL is recomputed with the
-# paper's damping 1e-5 (inside a lax.cond, so only when one fails). Converged
-# matrices measure ≤ 2e-6 at κ = 1e2, 1.5e-5 at 1e4, 1.1e-4 at 1e6 and ~1e-3 at
-# 1e8; diverged ones are O(1), inf or NaN.
-GRAM_INV_SQRT_FALLBACK_EPS = 1e-5
-GRAM_INV_SQRT_TOL = 1e-2
-# Newton polish of the converged root on matrices with tr(P̂^{-1}) below this.
-POLISH_MAX_TRACE = 100.0
-
 
 InverseSqrtMethod = Literal["gram", "paper"]
 _INV_SQRT_METHODS: dict[str, str] = {
@@ -277,31 +234,6 @@ def inverse_sqrt_normalized(
     x = jnp.where(is_zero[..., None, None], 0.0, x)
     safe_t = jnp.where(is_zero, 1.0, t)
     return x, jnp.where(is_zero, 0.0, jax.lax.rsqrt(safe_t))
-
-
-def contraction_filter(h: jax.Array, tau: float, power: int = 3) -> jax.Array:
-    r"""``F(H)`` with ``‖X F‖₂ <= 1`` for the Gram ``H = XᵀX``: a safe polar finish.
-
-    With ``H = t Ĥ`` (``λ_max(Ĥ) <= 1``, within r^{1/8}: ``normalize_psd``) and
-    ``Z = (Ĥ + τI)^{-1/2}``,
-    ``F = t^{-1/2} (I − τZ²)^k Z = t^{-1/2} Ĥ^k (Ĥ + τI)^{-k-1/2}`` (k = ``power``):
-    each singular value of ``X F`` is ``(ĥ / (ĥ + τ))^{k+1/2}`` for the
-    eigenvalue ĥ of Ĥ — ``1 − (k+½)τ/ĥ`` on resolved directions, about
-    ``(ĥ/τ)^{k+1/2}`` (rounding noise suppressed) below τ, and never above 1
-    while the Gram's rounding error stays below τ. ``I − τZ²`` has eigenvalues
-    ``ĥ/(ĥ+τ)`` in [0, 1], so forming it keeps the rounding of Z's large
-    entries out of the result.
-    """
-    h_hat, t, is_zero = normalize_psd(h, sharp=True)
-    z = damped_inverse_sqrt(h_hat, tau)
-    shrink = _sym(_eye_like(z) - tau * _mm(z, z))
-    f = z
-    for _ in range(power):
-        f = _mm(shrink, f)
-    # Not symmetrised: Z's rounding across resolved and null directions would
-    # enter the null rows of F, which a preceding whitener amplifies.
-    f = jnp.where(is_zero[..., None, None], 0.0, f)
-    return f * jnp.where(is_zero, 0.0, jax.lax.rsqrt(jnp.where(is_zero, 1.0, t)))[..., None, None]
 
 
 def polar_finish(h: jax.Array, tau: float, sharpen: int = 3) -> jax.Array:

@@ -34,7 +34,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_muon_jax import _pairs
+from lora_muon_jax import _pairs, _views
 
 __all__ = [
     "Collective",
@@ -250,7 +250,7 @@ def long_axis_partition_specs(
         roles: tuple[tuple[int, _pairs.Role], ...] = ((pair.a_index, "a"), (pair.b_index, "b"))
         for index, role in roles:
             ndim = len(leaves[index].shape)
-            rank_axis = _pairs._rank_axis(pair, role, ndim)
+            rank_axis = _views.rank_axis_of(pair, role, ndim)
             candidates[index] = [ax for ax in range(nb, ndim) if ax != rank_axis]
     specs = []
     for leaf, cand in zip(leaves, candidates, strict=True):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_muon_jax import _polar
+from lora_muon_jax import _coefficients, _polar
 from tests import reference as ref
 
 _TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
@@ -291,10 +291,10 @@ def _compose(coeffs: Sequence[tuple[float, float, float]], sigma: np.ndarray) ->
 
 def test_gram_coefficients_match_derivation() -> None:
     tool = _load_derivation_tool()
-    schedule = tool.inverse_sqrt_schedule(_polar.GRAM_INV_SQRT_LOWER)
+    schedule = tool.inverse_sqrt_schedule(_coefficients.GRAM_INV_SQRT_LOWER)
     np.testing.assert_allclose(
         np.asarray(schedule, np.float64),
-        np.asarray(_polar.GRAM_INV_SQRT_COEFFS, np.float64),
+        np.asarray(_coefficients.GRAM_INV_SQRT_COEFFS, np.float64),
         rtol=0.0,
         # Where the Remez exchange stops depends on LAPACK's rounding: re-derived
         # on two x86 machines the coefficients differ by up to 7e-9. The
@@ -305,9 +305,9 @@ def test_gram_coefficients_match_derivation() -> None:
     # the composition must take the whole design interval [ℓ, γ] to 1.
     sigma = np.concatenate(
         [
-            np.geomspace(_polar.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
-            np.linspace(_polar.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
+            np.geomspace(_coefficients.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
+            np.linspace(_coefficients.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
         ]
     )
-    out = _compose(_polar.GRAM_INV_SQRT_COEFFS, sigma)
+    out = _compose(_coefficients.GRAM_INV_SQRT_COEFFS, sigma)
     assert float(np.max(np.abs(out - 1.0))) <= 1e-9

@@ -1,7 +1,7 @@
 """Derive the per-step coefficients of the Gram-form inverse square root.
 
 Run:  python tools/derive_inverse_sqrt_coefficients.py [LOWER]   (CPU, < 1 s)
-Prints `lora_muon_jax._polar.GRAM_INV_SQRT_COEFFS` (LOWER = 1e-4, default; its first four
+Prints `lora_muon_jax._coefficients.GRAM_INV_SQRT_COEFFS` (LOWER = 1e-4, default; its first four
 steps are also the robust form's tall Newton–Schulz steps); tests/test_polar.py re-derives it.
 
 The coupled iteration `W = a I + b P + c P²; X ← X W; P ← P W²` acts on each
