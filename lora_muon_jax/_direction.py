@@ -21,13 +21,10 @@ Two ways to compute it (``method``):
   where an r×r bound says it is exact to float32 rounding: every Gram in
   range and ``λ_min`` of each normalised r×r Gram above
   ``1 / FAST_MAX_INVERSE_EIGENVALUE``. Otherwise the pair's stack takes the
-  *robust form* (inside a ``lax.cond``, so it costs nothing when unused):
-  inputs scaled to unit magnitude; each factor whitened by a CholeskyQR2-like
-  pass, ``Q = B R₀``, ``L = R₀ F(QᵀQ)``, so that ``B L`` is a partial
-  isometry; ``X = M L`` brought near orthogonal by five Newton–Schulz steps
-  on the tall matrix (they do not square its condition number); then a
-  contraction filter ``F`` on the exact Gram of that X (``‖X F‖₂ <= 1``,
-  see ``_polar.contraction_filter``) and ``U = X F Lᵀ``.
+  *robust form* of ``_robust`` (inside a ``lax.cond``, so it costs nothing
+  when unused): inputs scaled to unit magnitude, factors whitened by shifted
+  CholeskyQR, Newton–Schulz on the tall whitened momentum, certified polar
+  finishes — each half provably at most η/2 (docs/numerics.md).
 * ``"paper"``: Algorithm 1 literally, with the paper's Table 2 inverse root
   and Table 1 msign (8 Newton–Schulz steps on the m×r product), on inputs
   scaled to unit magnitude.
@@ -56,8 +53,9 @@ Method = Literal["gram", "paper"]
 METHODS: dict[str, str] = {
     "gram": (
         "Gram form: U_A = M_A (BᵀB # M_AᵀM_A)^{-1}, 3 tall products per factor, r×r work "
-        "in one batched chain; a robust form (CholeskyQR2 whitening, tall Newton–Schulz, "
-        "contraction filter) takes over where an r×r bound says the Gram form is inexact."
+        "in one batched chain; a robust form (shifted CholeskyQR whitening, tall "
+        "Newton–Schulz, certified polar finish) takes over where an r×r bound says the "
+        "Gram form is inexact."
     ),
     "paper": (
         "The paper's Algorithm 1 literally: Table 2 inverse roots (7 steps, "
@@ -127,6 +125,7 @@ def _inverse_eigenvalue_bound(z: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- gram method
 
 
+@jax.named_scope("gram_form")
 def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
     dtypes = [dtype_of(p) for p in pairs]
     # Tall products 1-4 per pair: S_A, S_B, P_A, P_B.
@@ -195,6 +194,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
 # ---------------------------------------------------------------- paper method
 
 
+@jax.named_scope("paper_form")
 def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
     # Inputs scaled to unit magnitude first (the direction is invariant to M's
     # scale and R scales as 1/c), so no Gram under- or overflows.

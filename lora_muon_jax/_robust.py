@@ -79,6 +79,7 @@ def _robust_polar(mu: jax.Array, rank_first: bool, l: jax.Array) -> jax.Array:
     return times(y, mm(c, _polar._mT(l)), rank_first)
 
 
+@jax.named_scope("robust_form")
 def robust_directions(p: FactorPair) -> tuple[jax.Array, jax.Array]:
     dtype = dtype_of(p)
     a, c_a = unit_scaled(p.a, dtype)

@@ -1,6 +1,6 @@
 """Independent float64 NumPy oracle for LoRA-Muon, written from the spec.
 
-Source: docs/lora_muon_spec.md (Cesista, Crowson, Simal, Biderman, "LoRA-Muon:
+Source: docs/algorithm.md (Cesista, Crowson, Simal, Biderman, "LoRA-Muon:
 Spectral Steepest Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026,
 Algorithm 1). Exact linear algebra only (SVD, eigh) — no JAX, no iterations, and
 nothing taken from the code under test.

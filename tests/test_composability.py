@@ -4,7 +4,7 @@
 pair (everything goes to the AdamW fallback). Here the same properties are
 checked on a tree with a flax-style pair, a stacked qwix-style pair with a
 3-D ``lora_b`` and a non-LoRA bias, plus chains, schedules, error messages,
-convergence and the split-weight-decay identity (docs/lora_muon_spec.md).
+convergence and the split-weight-decay identity (docs/algorithm.md).
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ METHODS = ("gram", "paper")
 _DIRECTION = {m: jax.jit(functools.partial(lora_muon_direction, method=m)) for m in METHODS}
 
 # Tolerances (relative Frobenius unless said otherwise):
-# - gram, κ ≤ 10: 1e-4. docs/performance_notes.md measured the Gram form against the
+# - gram, κ ≤ 10: 1e-4. the project's performance notes measured the Gram form against the
 #   exact SVD/eigh step at 2e-6 (κ = 10); this file's cases measured ≤ 1e-5. float32
 #   eigh-based inverse roots are good to ~1e-6 here (tests/test_polar.py).
-# - gram, κ(B) = κ(M) = 100: 5e-3. performance_notes.md measured 2e-4; M_A R_B then has
+# - gram, κ(B) = κ(M) = 100: 5e-3. those notes measured 2e-4; M_A R_B then has
 #   condition number up to 1e4. The same Gram form computed with float32 eigh gave up
 #   to 1.5e-3 on these inputs, the literal form with float32 eigh + SVD up to 4e-4.
 # - paper: 5e-3. The spec: the paper's iterations differ from the exact step by "about

@@ -329,7 +329,7 @@ def test_sharding_annotations_linen_and_scan() -> None:
 
 def test_nnx_linear_general_forward_and_zero_init() -> None:
     x = _normal(np.random.default_rng(0), (5, 3, 4))
-    layer = lnnx.LoRALinearGeneral((3, 4), (2, 5), rank=3, alpha=6.0, rngs=nnx.Rngs(0))
+    layer = lnnx.LoRALinearGeneral((3, 4), (2, 5), lora_rank=3, alpha=6.0, rngs=nnx.Rngs(0))
     assert isinstance(layer.lora_a, nnx.LoRAParam) and isinstance(layer.lora_b, nnx.LoRAParam)
     assert type(layer.kernel) is nnx.Param
     assert layer.lora_a.shape == (3, 4, 3) and layer.lora_b.shape == (3, 2, 5)
@@ -349,7 +349,7 @@ def test_nnx_linear_general_forward_and_zero_init() -> None:
 def test_nnx_native_and_lora_scale_fn_with_nnx_lora() -> None:
     class Net(nnx.Module):
         def __init__(self, *, rngs: nnx.Rngs):
-            self.native = lnnx.LoRALinearGeneral(8, 6, rank=2, init_mode="native", rngs=rngs)
+            self.native = lnnx.LoRALinearGeneral(8, 6, lora_rank=2, init_mode="native", rngs=rngs)
             self.flax_lora = nnx.LoRALinear(6, 4, lora_rank=2, rngs=rngs)
 
         def __call__(self, x):
@@ -373,7 +373,7 @@ def test_nnx_kernel_axes_metadata() -> None:
     mesh = jax.make_mesh((1, 1, 1), ("embed", "heads", "kv"), axis_types=(auto,) * 3)
     with jax.set_mesh(mesh):
         layer = lnnx.LoRALinearGeneral(
-            8, (2, 4), rank=2, kernel_axes=("embed", "heads", "kv"), rngs=nnx.Rngs(0)
+            8, (2, 4), lora_rank=2, kernel_axes=("embed", "heads", "kv"), rngs=nnx.Rngs(0)
         )
     specs = nnx.get_partition_spec(nnx.state(layer))
     P = jax.sharding.PartitionSpec
@@ -395,9 +395,9 @@ def test_rank_larger_than_min_in_out_raises() -> None:
     ):
         LoRADense(4, rank=5, name="big").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"rank=7 exceeds min\(in, out\) = min\(6, 12\)"):
-        lnnx.LoRALinearGeneral(6, (3, 4), rank=7, rngs=nnx.Rngs(0))
+        lnnx.LoRALinearGeneral(6, (3, 4), lora_rank=7, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank must be a positive int"):
-        lnnx.LoRALinearGeneral(6, 4, rank=0, rngs=nnx.Rngs(0))
+        lnnx.LoRALinearGeneral(6, 4, lora_rank=0, rngs=nnx.Rngs(0))
 
 
 def test_non_float_dtype_raises() -> None:
@@ -409,7 +409,7 @@ def test_non_float_dtype_raises() -> None:
     with pytest.raises(TypeError, match=r"dtype=int8 is not a floating"):
         LoRADense(4, rank=2, dtype=jnp.int8).init(jax.random.key(0), x)
     with pytest.raises(TypeError, match=r"param_dtype=int32 is not a floating"):
-        lnnx.LoRALinearGeneral(6, 4, rank=2, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
+        lnnx.LoRALinearGeneral(6, 4, lora_rank=2, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
 
 
 def test_bad_options_raise() -> None:
@@ -434,7 +434,7 @@ def test_nnx_stacked_layers_pair_per_layer_and_merge() -> None:
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def create(rngs: nnx.Rngs):
                 return lnnx.LoRALinearGeneral(
-                    8, 8, rank=2, alpha=4.0, init_mode="native", rngs=rngs
+                    8, 8, lora_rank=2, alpha=4.0, init_mode="native", rngs=rngs
                 )
 
             self.layers = create(rngs)

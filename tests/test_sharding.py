@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_muon_jax import Method, lora_muon
 from lora_muon_jax import sharding as lms
+from lora_muon_jax.testing import hlo_collectives
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -206,7 +207,7 @@ def assert_only_rxr_all_reduces(
     compiled_text: str | None, groups: int, grams_per_pair: int
 ) -> None:
     """The compiled step (synthetic grads, update, apply) against the Gram-count oracle."""
-    collectives = lms.hlo_collectives(compiled_text)
+    collectives = hlo_collectives(compiled_text)
     # No factor ever moves between devices: no gather, scatter, permute or all-to-all.
     assert [c for c in collectives if c.kind != "all-reduce"] == []
     pairs = 2 * LAYERS + STACK
@@ -298,7 +299,7 @@ def test_hlo_collectives_sees_gathers_and_branches() -> None:
     mesh = make_mesh("auto")
     x = jax.device_put(jnp.ones((64, 4)), NamedSharding(mesh, P(("fsdp", "tp"), None)))
     gather = jax.jit(lambda v: v * 2.0, out_shardings=NamedSharding(mesh, P()))
-    found = lms.hlo_collectives(gather.lower(x).compile().as_text())
+    found = hlo_collectives(gather.lower(x).compile().as_text())
     assert [(c.kind, c.shapes, c.nbytes) for c in found] == [
         ("all-gather", (("f32", (64, 4)),), 64 * 4 * 4)
     ]
@@ -306,9 +307,9 @@ def test_hlo_collectives_sees_gathers_and_branches() -> None:
     def branchy(v, flag):
         return jax.lax.cond(flag, lambda u: jnp.sum(u), lambda u: jnp.float32(0.0), v)
 
-    found = lms.hlo_collectives(jax.jit(branchy).lower(x, True).compile().as_text())
+    found = hlo_collectives(jax.jit(branchy).lower(x, True).compile().as_text())
     assert [(c.kind, c.conditional) for c in found] == [("all-reduce", True)]
-    found = lms.hlo_collectives(jax.jit(jnp.sum).lower(x).compile().as_text())
+    found = hlo_collectives(jax.jit(jnp.sum).lower(x).compile().as_text())
     assert [(c.kind, c.conditional, c.in_loop, c.nbytes) for c in found] == [
         ("all-reduce", False, False, 4)
     ]
@@ -316,7 +317,7 @@ def test_hlo_collectives_sees_gathers_and_branches() -> None:
     def loop(v):
         return jax.lax.fori_loop(0, 3, lambda i, u: u * jnp.sum(u), v)
 
-    found = lms.hlo_collectives(jax.jit(loop).lower(x).compile().as_text())
+    found = hlo_collectives(jax.jit(loop).lower(x).compile().as_text())
     assert [(c.kind, c.conditional, c.in_loop) for c in found] == [("all-reduce", False, True)]
 
 
@@ -410,4 +411,4 @@ def test_equal_shapes_with_different_shardings_on_explicit_mesh() -> None:
     opt = make_opt()
     actual, _, _, compiled_text = sharded_run(opt, params, shardings)
     assert_trees_close(actual, reference_run(opt, params))
-    assert [c for c in lms.hlo_collectives(compiled_text) if c.kind != "all-reduce"] == []
+    assert [c for c in hlo_collectives(compiled_text) if c.kind != "all-reduce"] == []

@@ -144,7 +144,7 @@ def test_lorafy_inherits_kernel_sharding() -> None:
             ),
             rngs=nnx.Rngs(0),
         )
-        adapter = lnnx.LoRAAdapter(layer, rank=2, rngs=nnx.Rngs(1))
+        adapter = lnnx.LoRAAdapter(layer, lora_rank=2, rngs=nnx.Rngs(1))
     P = jax.sharding.PartitionSpec
     assert adapter.lora_a[...].sharding.spec == P("data", None)
     assert adapter.lora_b[...].sharding.spec == P(None, None, "model")
@@ -178,7 +178,9 @@ def test_nnx_merge_unmerge_and_export() -> None:
     class Net(nnx.Module):
         def __init__(self, *, rngs: nnx.Rngs):
             self.pre = Pretrained(rngs=rngs)
-            self.native = lnnx.LoRALinearGeneral(8, (2, 3), rank=2, init_mode="native", rngs=rngs)
+            self.native = lnnx.LoRALinearGeneral(
+                8, (2, 3), lora_rank=2, init_mode="native", rngs=rngs
+            )
 
         def __call__(self, x):
             return self.native(self.pre(x))

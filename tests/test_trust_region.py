@@ -1,6 +1,6 @@
 """The step never leaves its trust region; accuracy against the float64 oracle where LoRA goes.
 
-Contract (docs/lora_muon_spec.md, "Properties"): each tangent half ``‖ΔA Bᵀ‖₂``,
+Contract (docs/algorithm.md, "Properties"): each tangent half ``‖ΔA Bᵀ‖₂``,
 ``‖A ΔBᵀ‖₂`` has spectral norm η/2 and never more than ``η/2 · (1 + 1e-3)``, whatever
 the conditioning, the scale or the dtype; a direction float32 cannot resolve shrinks,
 it never grows, and never vanishes where the exact step is well defined.

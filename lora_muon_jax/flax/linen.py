@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
+from lora_muon_jax import _deprecation
 from lora_muon_jax.flax import _common
 from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoRAScaleMap
 
@@ -287,3 +288,13 @@ def lora_scale_fn(
     """
     scales = lora_scales(model, *init_args, rngs=rngs, method=method, **init_kwargs)
     return LoRAScaleMap(scales, default=default)
+
+
+__getattr__ = _deprecation.renamed(
+    __name__,
+    {
+        "LoraDense": ("LoRADense", LoRADense),
+        "LoraDenseGeneral": ("LoRADenseGeneral", LoRADenseGeneral),
+        "LoraScaleMap": ("LoRAScaleMap", LoRAScaleMap),
+    },
+)

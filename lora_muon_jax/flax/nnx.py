@@ -19,17 +19,19 @@ plain ``nnx.Param``. ``rngs`` is keyword-only, as in every NNX layer.
 from __future__ import annotations
 
 import math
-import string
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
+from lora_muon_jax import _deprecation
 from lora_muon_jax.flax import _common
 from lora_muon_jax.flax._common import INIT_MODES, InitMode, LoRAScaleMap
+from lora_muon_jax.flax._einsum import EinsumLoRASpec, einsum_lora_spec
+from lora_muon_jax.flax._nnx_init import batched_init, flat_init, flax_names, sharding_metadata
 
 __all__ = [
     "INIT_MODES",
@@ -47,19 +49,6 @@ _DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 _DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 
 
-def _flat_init(init: Initializer, flat_shape: tuple[int, ...]) -> Initializer:
-    """Call ``init`` on a 2-D shape (fans = flattened sizes), reshape to the full shape."""
-
-    def wrapped(rng: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        return jnp.reshape(init(rng, flat_shape, dtype), tuple(shape))
-
-    return wrapped
-
-
-def _sharding_metadata(names: Sequence[str | None] | None) -> dict[str, Any]:
-    return {} if names is None else {"out_sharding": tuple(names)}
-
-
 class LoRALinearGeneral(nnx.Module):
     """``y = x ⋅ kernel + s · (x ⋅ lora_a) ⋅ lora_b + bias`` over the last ``len(in)`` axes.
 
@@ -72,7 +61,8 @@ class LoRALinearGeneral(nnx.Module):
       in_features: input size(s): an int, or a tuple for several contracted
         axes (the input's trailing axes), e.g. ``(heads, head_dim)``.
       out_features: output size(s), an int or a tuple.
-      rank: r, ``1 <= r <= min(prod(in), prod(out))``.
+      lora_rank: r, ``1 <= r <= min(prod(in), prod(out))`` (flax's name; ``rank=``
+        is the deprecated old one).
       alpha: α of ``s = α/r``; ``None`` (default): ``s = 1``.
       init_mode: ``"standard"`` (``lora_b = 0``: output equals the base layer's at
         init) or ``"native"`` (no kernel: the weight is ``s · lora_a ⋅ lora_b``,
@@ -82,8 +72,14 @@ class LoRALinearGeneral(nnx.Module):
       precision: ``jax.lax`` precision of the contractions.
       kernel_init, bias_init: base-weight initializers (``kernel_init`` sees
         the flattened ``(prod(in), prod(out))`` shape).
-      lora_a_init, lora_b_init: factor initializers on the flattened
-        ``(prod(in), r)`` / ``(r, prod(out))`` shapes (default: by ``init_mode``).
+      a_initializer, b_initializer: factor initializers on the flattened
+        ``(prod(in), r)`` / ``(r, prod(out))`` shapes (default: by ``init_mode``;
+        the deprecated old names are ``lora_a_init``, ``lora_b_init``).
+      lora_param_type: the Variable type of the factors (``nnx.LoRAParam``, as
+        flax's; train with ``wrt=`` that type).
+      promote_dtype: ``f((arrays), dtype=...)`` promoting inputs and parameters
+        before the contractions (flax's ``promote_dtype`` by default).
+      a_metadata, b_metadata: extra Variable metadata of ``lora_a``/``lora_b``.
       kernel_axes: mesh axis names of the kernel's axes ``(*in, *out)``; when
         set, the parameters get ``out_sharding`` metadata: kernel
         ``kernel_axes``, ``lora_a`` ``(*in names, None)``, ``lora_b``
@@ -97,7 +93,7 @@ class LoRALinearGeneral(nnx.Module):
         in_features: int | Sequence[int],
         out_features: int | Sequence[int],
         *,
-        rank: int,
+        lora_rank: int | None = None,
         alpha: float | None = None,
         init_mode: InitMode = "standard",
         use_bias: bool = True,
@@ -106,13 +102,28 @@ class LoRALinearGeneral(nnx.Module):
         precision: Any = None,
         kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
         bias_init: Initializer = _DEFAULT_BIAS_INIT,
+        a_initializer: Initializer | None = None,
+        b_initializer: Initializer | None = None,
+        lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+        promote_dtype: Callable[..., Any] = promote_dtype,
+        a_metadata: Mapping[str, Any] | None = None,
+        b_metadata: Mapping[str, Any] | None = None,
+        kernel_axes: Sequence[str | None] | None = None,
+        rank: int | None = None,
         lora_a_init: Initializer | None = None,
         lora_b_init: Initializer | None = None,
-        kernel_axes: Sequence[str | None] | None = None,
         rngs: nnx.Rngs,
     ):
         in_shape, out_shape = _common.as_shape(in_features), _common.as_shape(out_features)
         where = f"LoRALinearGeneral(in_features={in_shape}, out_features={out_shape})"
+        names = flax_names(
+            where,
+            dict(lora_rank=lora_rank, a_initializer=a_initializer, b_initializer=b_initializer),
+            {"rank": rank, "lora_a_init": lora_a_init, "lora_b_init": lora_b_init},
+        )
+        rank = int(names["lora_rank"])
+        lora_a_init, lora_b_init = names["a_initializer"], names["b_initializer"]
+        self.promote_dtype = promote_dtype
         _common.check_init_mode(where, init_mode)
         _common.check_float_dtype(where, "param_dtype", param_dtype)
         _common.check_float_dtype(where, "dtype", dtype)
@@ -123,7 +134,8 @@ class LoRALinearGeneral(nnx.Module):
                 f"(*in, *out) = {in_shape + out_shape}"
             )
         self.in_features, self.out_features = in_shape, out_shape
-        self.rank, self.alpha, self.init_mode = rank, alpha, init_mode
+        self.lora_rank, self.alpha, self.init_mode = rank, alpha, init_mode
+        self.rank = rank  # the old attribute name
         self.lora_scale = _common.lora_scale_value(where, alpha, rank)
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.merged = False
@@ -132,27 +144,27 @@ class LoRALinearGeneral(nnx.Module):
             in_names = tuple(kernel_axes[: len(in_shape)])
             out_names = tuple(kernel_axes[len(in_shape) :])
         m, n = math.prod(in_shape), math.prod(out_shape)
-        a_init = _flat_init(lora_a_init or _common.default_lora_a_init(init_mode, 1), (m, rank))
-        b_init = _flat_init(lora_b_init or _common.default_lora_b_init(init_mode), (rank, n))
-        self.lora_a = nnx.LoRAParam(
+        a_init = flat_init(lora_a_init or _common.default_lora_a_init(init_mode, 1), (m, rank))
+        b_init = flat_init(lora_b_init or _common.default_lora_b_init(init_mode), (rank, n))
+        self.lora_a = lora_param_type(
             a_init(rngs.params(), (*in_shape, rank), param_dtype),
-            **_sharding_metadata(None if in_names is None else (*in_names, None)),
+            **sharding_metadata(None if in_names is None else (*in_names, None), a_metadata),
         )
-        self.lora_b = nnx.LoRAParam(
+        self.lora_b = lora_param_type(
             b_init(rngs.params(), (rank, *out_shape), param_dtype),
-            **_sharding_metadata(None if out_names is None else (None, *out_names)),
+            **sharding_metadata(None if out_names is None else (None, *out_names), b_metadata),
         )
         self.kernel = nnx.data(None)
         if init_mode == "standard":
             self.kernel = nnx.Param(
-                _flat_init(kernel_init, (m, n))(rngs.params(), in_shape + out_shape, param_dtype),
-                **_sharding_metadata(kernel_axes),
+                flat_init(kernel_init, (m, n))(rngs.params(), in_shape + out_shape, param_dtype),
+                **sharding_metadata(kernel_axes),
             )
         self.bias = nnx.data(None)
         if use_bias:
             self.bias = nnx.Param(
-                _flat_init(bias_init, (n,))(rngs.params(), out_shape, param_dtype),
-                **_sharding_metadata(out_names),
+                flat_init(bias_init, (n,))(rngs.params(), out_shape, param_dtype),
+                **sharding_metadata(out_names),
             )
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -167,7 +179,7 @@ class LoRALinearGeneral(nnx.Module):
         axes = tuple(range(inputs.ndim - n_in, inputs.ndim))
         kernel = None if self.kernel is None else self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
-        inputs, kernel, lora_a, lora_b, bias = promote_dtype(
+        inputs, kernel, lora_a, lora_b, bias = self.promote_dtype(
             (inputs, kernel, self.lora_a[...], self.lora_b[...], bias), dtype=self.dtype
         )
         y: jax.Array | None = None
@@ -189,76 +201,6 @@ class LoRALinearGeneral(nnx.Module):
 # ---------------------------------------------------------------------------
 # Adapters around existing nnx.Linear / nnx.Einsum layers
 # ---------------------------------------------------------------------------
-
-
-class EinsumLoRASpec(NamedTuple):
-    """How a LoRA pair attaches to a kernel contracted by an einsum.
-
-    Kernel axes are split into *batch* axes (in the input and the output: one
-    adapter per index, leading both factors), *contracted* axes (in the input
-    only: they go to ``lora_a``) and *output* axes (in the output only: they go
-    to ``lora_b``): ``lora_a (*batch, *contracted, r)``, ``lora_b (*batch, r,
-    *output)``.
-    """
-
-    delta_equation: str  # "lhs,a,b->out": the adapter's contribution
-    kernel_equation: str  # "a,b->kernel": a ⋅ b in the kernel's axis order (for merging)
-    a_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    batch_axes: tuple[int, ...]  # kernel axes of each kind
-    contracted_axes: tuple[int, ...]
-    output_axes: tuple[int, ...]
-
-
-def einsum_lora_spec(
-    einsum_str: str, kernel_shape: Sequence[int], rank: int, where: str = "einsum"
-) -> EinsumLoRASpec:
-    """The LoRA factor layout of the kernel (second operand) of ``einsum_str``.
-
-    Example: ``'btd,dnh->btnh'`` with kernel ``(d, n, h)`` gives
-    ``lora_a (d, r)``, ``lora_b (r, n, h)``; ``'btnh,nhd->btd'`` gives
-    ``lora_a (n, h, r)``, ``lora_b (r, d)``.
-
-    Raises:
-      ValueError: not two operands, an ellipsis in the kernel, a kernel axis
-        that is summed out, or a rank above ``min(prod(contracted), prod(output))``.
-    """
-    eq = einsum_str.replace(" ", "")
-    if "->" not in eq or eq.count(",") != 1:
-        raise ValueError(f"{where}: need an explicit two-operand einsum 'lhs,rhs->out', got {eq!r}")
-    operands, out = eq.split("->")
-    lhs, rhs = operands.split(",")
-    if "." in rhs or len(rhs) != len(kernel_shape):
-        raise ValueError(
-            f"{where}: kernel subscripts {rhs!r} do not match kernel shape {tuple(kernel_shape)}"
-        )
-    batch, contracted, output = [], [], []
-    for i, c in enumerate(rhs):
-        in_lhs, in_out = c in lhs, c in out
-        if in_lhs and in_out:
-            batch.append(i)
-        elif in_lhs:
-            contracted.append(i)
-        elif in_out:
-            output.append(i)
-        else:
-            raise ValueError(f"{where}: kernel axis {c!r} of {eq!r} is summed out; not supported")
-    used = set(eq)
-    r_char = next(c for c in string.ascii_letters if c not in used)
-    batch_s = "".join(rhs[i] for i in batch)
-    a_sub = batch_s + "".join(rhs[i] for i in contracted) + r_char
-    b_sub = batch_s + r_char + "".join(rhs[i] for i in output)
-    shape = tuple(kernel_shape)
-    _common.check_rank(where, rank, [shape[i] for i in contracted], [shape[i] for i in output])
-    return EinsumLoRASpec(
-        delta_equation=f"{lhs},{a_sub},{b_sub}->{out}",
-        kernel_equation=f"{a_sub},{b_sub}->{rhs}",
-        a_shape=(*(shape[i] for i in (*batch, *contracted)), rank),
-        b_shape=(*(shape[i] for i in batch), rank, *(shape[i] for i in output)),
-        batch_axes=tuple(batch),
-        contracted_axes=tuple(contracted),
-        output_axes=tuple(output),
-    )
 
 
 def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoRASpec:
@@ -299,11 +241,13 @@ class LoRAAdapter(nnx.Module):
 
     Args:
       base_module: the layer to adapt.
-      rank: r; alpha: α (``None``: ``s = 1``).
+      lora_rank: r (``rank=`` is the deprecated old name); alpha: α (``None``: ``s = 1``).
       param_dtype: factors' dtype (default: the kernel's).
-      lora_a_init, lora_b_init: initializers on the flattened
+      a_initializer, b_initializer: initializers on the flattened
         ``(prod(contracted), r)`` / ``(r, prod(output))`` shapes, vmapped over
-        batch axes.
+        batch axes (deprecated old names ``lora_a_init``, ``lora_b_init``).
+      lora_param_type, promote_dtype, a_metadata, b_metadata: as in
+        ``LoRALinearGeneral`` (flax's extension points).
       rngs: ``nnx.Rngs`` (keyword-only).
     """
 
@@ -311,39 +255,56 @@ class LoRAAdapter(nnx.Module):
         self,
         base_module: nnx.Module,
         *,
-        rank: int,
+        lora_rank: int | None = None,
         alpha: float | None = None,
         param_dtype: Any = None,
+        a_initializer: Initializer | None = None,
+        b_initializer: Initializer | None = None,
+        lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+        promote_dtype: Callable[..., Any] = promote_dtype,
+        a_metadata: Mapping[str, Any] | None = None,
+        b_metadata: Mapping[str, Any] | None = None,
+        rank: int | None = None,
         lora_a_init: Initializer | None = None,
         lora_b_init: Initializer | None = None,
         rngs: nnx.Rngs,
     ):
         where = f"LoRAAdapter({type(base_module).__name__})"
+        names = flax_names(
+            where,
+            dict(lora_rank=lora_rank, a_initializer=a_initializer, b_initializer=b_initializer),
+            {"rank": rank, "lora_a_init": lora_a_init, "lora_b_init": lora_b_init},
+        )
+        rank = int(names["lora_rank"])
+        lora_a_init, lora_b_init = names["a_initializer"], names["b_initializer"]
+        self.promote_dtype = promote_dtype
         spec = _base_spec(base_module, rank, where)
         kernel: nnx.Variable = base_module.kernel  # type: ignore[attr-defined]
         dtype = kernel.dtype if param_dtype is None else param_dtype
         _common.check_float_dtype(where, "param_dtype", dtype)
         self.base_module = base_module
         self.spec = spec
-        self.rank, self.alpha = rank, alpha
+        self.lora_rank, self.alpha = rank, alpha
+        self.rank = rank  # the old attribute name
         self.lora_scale = _common.lora_scale_value(where, alpha, rank)
         self.merged = False
         nb = len(spec.batch_axes)
         batch_shape = spec.a_shape[:nb]
         m, n = math.prod(spec.a_shape[nb:-1]), math.prod(spec.b_shape[nb + 1 :])
-        a_init = _flat_init(lora_a_init or _common.default_lora_a_init("standard", 1), (m, rank))
-        b_init = _flat_init(lora_b_init or _common.default_lora_b_init("standard"), (rank, n))
+        a_init = flat_init(lora_a_init or _common.default_lora_a_init("standard", 1), (m, rank))
+        b_init = flat_init(lora_b_init or _common.default_lora_b_init("standard"), (rank, n))
         a_names = _inherited_names(kernel, (*spec.batch_axes, *spec.contracted_axes))
         b_names = _inherited_names(kernel, spec.batch_axes)
         out_names = _inherited_names(kernel, spec.output_axes)
-        self.lora_a = nnx.LoRAParam(
-            _batched_init(a_init, rngs.params(), batch_shape, spec.a_shape[nb:], dtype),
-            **_sharding_metadata(None if a_names is None else (*a_names, None)),
+        self.lora_a = lora_param_type(
+            batched_init(a_init, rngs.params(), batch_shape, spec.a_shape[nb:], dtype),
+            **sharding_metadata(None if a_names is None else (*a_names, None), a_metadata),
         )
-        self.lora_b = nnx.LoRAParam(
-            _batched_init(b_init, rngs.params(), batch_shape, spec.b_shape[nb:], dtype),
-            **_sharding_metadata(
-                None if b_names is None or out_names is None else (*b_names, None, *out_names)
+        self.lora_b = lora_param_type(
+            batched_init(b_init, rngs.params(), batch_shape, spec.b_shape[nb:], dtype),
+            **sharding_metadata(
+                None if b_names is None or out_names is None else (*b_names, None, *out_names),
+                b_metadata,
             ),
         )
 
@@ -364,28 +325,14 @@ class LoRAAdapter(nnx.Module):
             return y
         x = jnp.asarray(inputs)
         base_dtype = getattr(self.base_module, "dtype", None)
-        x, lora_a, lora_b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=base_dtype)
+        x, lora_a, lora_b = self.promote_dtype(
+            (x, self.lora_a[...], self.lora_b[...]), dtype=base_dtype
+        )
         precision = getattr(self.base_module, "precision", None)
         delta = jnp.einsum(self.spec.delta_equation, x, lora_a, lora_b, precision=precision)
         if self.lora_scale != 1.0:
             delta = delta * jnp.asarray(self.lora_scale, delta.dtype)
         return y + delta.astype(y.dtype)
-
-
-def _batched_init(
-    init: Initializer,
-    rng: jax.Array,
-    batch_shape: tuple[int, ...],
-    shape: tuple[int, ...],
-    dtype: Any,
-) -> jax.Array:
-    """``init`` per batch index (independent keys), so fans never include batch axes."""
-    count = math.prod(batch_shape)
-    if not batch_shape:
-        return init(rng, shape, dtype)
-    keys = jax.random.split(rng, count)
-    values = jax.vmap(lambda k: init(k, shape, dtype))(keys)
-    return values.reshape(batch_shape + shape)
 
 
 # ---------------------------------------------------------------------------
@@ -422,3 +369,12 @@ def lora_scale_fn(model: nnx.Module, *, default: float | None = None) -> LoRASca
         ``alpha / rank``); ``None`` makes them raise a ``KeyError``.
     """
     return LoRAScaleMap(lora_scales(model), default=default)
+
+
+__getattr__ = _deprecation.renamed(
+    __name__,
+    {
+        "EinsumLoraSpec": ("EinsumLoRASpec", EinsumLoRASpec),
+        "LoraScaleMap": ("LoRAScaleMap", LoRAScaleMap),
+    },
+)
