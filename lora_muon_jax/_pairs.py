@@ -384,7 +384,29 @@ def lora_param_labels(
     in_pair = {i for p in resolved.pairs for i in (p.a_index, p.b_index)}
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     labels = [lora_label if i in in_pair else other_label for i in range(len(leaves))]
-    return jax.tree_util.tree_unflatten(treedef, labels)
+    flat_labels = jax.tree_util.tree_unflatten(treedef, labels)
+    # A label stands in for a whole value wrapper (an nnx Variable, whose only child
+    # is `.value`), so optax.masked replaces the *wrapper* by MaskedNode, not its value:
+    # a Variable holding a MaskedNode breaks tools that shard per Variable (tunix's
+    # checkpoint restore, nnx.get_named_sharding).
+    wrappers = jax.tree_util.tree_flatten(tree, is_leaf=_is_value_wrapper)[0]
+    if not any(_is_value_wrapper(w) for w in wrappers):
+        return flat_labels
+    outer = jax.tree_util.tree_structure(tree, is_leaf=_is_value_wrapper)
+    return jax.tree_util.tree_unflatten(outer, labels)
+
+
+def _is_value_wrapper(x: Any) -> bool:
+    """True for a pytree node whose only child is its ``.value`` (an nnx Variable)."""
+    if isinstance(x, dict | list | tuple) or jax.tree_util.treedef_is_leaf(
+        jax.tree_util.tree_structure(x)
+    ):
+        return False
+    children = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
+    if len(children) != 1:
+        return False
+    (key,) = children[0][0] or (None,)
+    return isinstance(key, GetAttrKey) and key.name == "value"
 
 
 __getattr__ = _deprecation.renamed(
