@@ -405,8 +405,8 @@ def _is_value_wrapper(x: Any) -> bool:
     children = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
     if len(children) != 1:
         return False
-    (key,) = children[0][0] or (None,)
-    return isinstance(key, GetAttrKey) and key.name == "value"
+    path = children[0][0]
+    return len(path) == 1 and isinstance(path[0], GetAttrKey) and path[0].name == "value"
 
 
 __getattr__ = _deprecation.renamed(
