@@ -203,7 +203,13 @@ class LoRALinearGeneral(nnx.Module):
 # ---------------------------------------------------------------------------
 
 
-def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoRASpec:
+def _base_spec(base: nnx.Module, rank: int, where: str) -> tuple[EinsumLoRASpec, int]:
+    """The per-layer LoRA layout of ``base`` and its number of stacked (layer) axes.
+
+    An ``nnx.Linear`` made by ``nnx.vmap`` (stacked or scanned layers) holds a
+    kernel ``(*layers, in, out)``: its factors get the same leading layer axes,
+    which ``nnx.scan`` slices with the kernel.
+    """
     kernel = getattr(base, "kernel", None)
     if not isinstance(kernel, nnx.Variable):
         raise TypeError(f"{where}: {type(base).__name__} has no kernel parameter")
@@ -211,15 +217,22 @@ def _base_spec(base: nnx.Module, rank: int, where: str) -> EinsumLoRASpec:
     if isinstance(base, nnx.Einsum):
         if base.einsum_str is None:
             raise ValueError(f"{where}: nnx.Einsum without a constructor einsum_str")
-        return einsum_lora_spec(base.einsum_str, shape, rank, where)
+        return einsum_lora_spec(base.einsum_str, shape, rank, where), 0
     if isinstance(base, nnx.Linear):
-        if len(shape) != 2:
-            raise ValueError(
-                f"{where}: nnx.Linear kernel of shape {shape}; stacked (nnx.vmap) layers are not "
-                "supported, build them with LoRALinearGeneral instead"
-            )
-        return einsum_lora_spec("...i,io->...o", shape, rank, where)
+        if len(shape) < 2:
+            raise ValueError(f"{where}: nnx.Linear kernel of shape {shape}")
+        stacked = len(shape) - 2
+        return einsum_lora_spec("...i,io->...o", shape[stacked:], rank, where), stacked
     raise TypeError(f"{where}: expected nnx.Linear or nnx.Einsum, got {type(base).__name__}")
+
+
+def _stacked_equation(equation: str, stacked: int) -> str:
+    """``'ab,bc->ac'`` -> ``'Lab,Lbc->Lac'`` for ``stacked`` leading layer axes."""
+    if not stacked:
+        return equation
+    letters = "".join(c for c in "ZYXWVUTS" if c not in equation)[:stacked]
+    lhs, out = equation.split("->")
+    return ",".join(letters + op for op in lhs.split(",")) + "->" + letters + out
 
 
 def _inherited_names(kernel: nnx.Variable, axes: Sequence[int]) -> tuple[Any, ...] | None:
@@ -278,24 +291,30 @@ class LoRAAdapter(nnx.Module):
         rank = int(names["lora_rank"])
         lora_a_init, lora_b_init = names["a_initializer"], names["b_initializer"]
         self.promote_dtype = promote_dtype
-        spec = _base_spec(base_module, rank, where)
+        spec, stacked = _base_spec(base_module, rank, where)
         kernel: nnx.Variable = base_module.kernel  # type: ignore[attr-defined]
         dtype = kernel.dtype if param_dtype is None else param_dtype
         _common.check_float_dtype(where, "param_dtype", dtype)
         self.base_module = base_module
-        self.spec = spec
+        self.spec, self.stacked_axes = spec, stacked
         self.lora_rank, self.alpha = rank, alpha
         self.rank = rank  # the old attribute name
         self.lora_scale = _common.lora_scale_value(where, alpha, rank)
         self.merged = False
         nb = len(spec.batch_axes)
-        batch_shape = spec.a_shape[:nb]
+        layers = tuple(kernel.shape[:stacked])
+        batch_shape = layers + spec.a_shape[:nb]
         m, n = math.prod(spec.a_shape[nb:-1]), math.prod(spec.b_shape[nb + 1 :])
         a_init = flat_init(lora_a_init or _common.default_lora_a_init("standard", 1), (m, rank))
         b_init = flat_init(lora_b_init or _common.default_lora_b_init("standard"), (rank, n))
-        a_names = _inherited_names(kernel, (*spec.batch_axes, *spec.contracted_axes))
-        b_names = _inherited_names(kernel, spec.batch_axes)
-        out_names = _inherited_names(kernel, spec.output_axes)
+        lead = tuple(range(stacked))
+
+        def shifted(axes: Sequence[int]) -> tuple[int, ...]:
+            return (*lead, *(a + stacked for a in axes))
+
+        a_names = _inherited_names(kernel, shifted((*spec.batch_axes, *spec.contracted_axes)))
+        b_names = _inherited_names(kernel, shifted(spec.batch_axes))
+        out_names = _inherited_names(kernel, tuple(a + stacked for a in spec.output_axes))
         self.lora_a = lora_param_type(
             batched_init(a_init, rngs.params(), batch_shape, spec.a_shape[nb:], dtype),
             **sharding_metadata(None if a_names is None else (*a_names, None), a_metadata),
@@ -311,7 +330,7 @@ class LoRAAdapter(nnx.Module):
     def delta_kernel(self) -> jax.Array:
         """``s · lora_a ⋅ lora_b`` in the kernel's shape and axis order (float32)."""
         delta = jnp.einsum(
-            self.spec.kernel_equation,
+            _stacked_equation(self.spec.kernel_equation, self.stacked_axes),
             self.lora_a[...].astype(jnp.float32),
             self.lora_b[...].astype(jnp.float32),
             precision=jax.lax.Precision.HIGHEST,
