@@ -86,9 +86,9 @@ def adapt(
     lorafy(model, pattern, rank=rank, alpha=alpha, rngs=nnx.Rngs(seed))
     if mesh is not None:
         state = nnx.state(model, nnx.LoRAParam)
-        axes = tuple(a for a in ("fsdp", "tp") if mesh.shape[a] > 1) or ("fsdp",)
+        axes: list[str] = [a for a in ("fsdp", "tp") if mesh.shape[a] > 1] or ["fsdp"]
         size = int(np.prod([mesh.shape[a] for a in axes]))
-        specs = long_axis_partition_specs(state, axes if len(axes) > 1 else axes[0], size)
+        specs = long_axis_partition_specs(state, tuple(axes) if len(axes) > 1 else axes[0], size)
         placed = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
         nnx.update(model, placed)
         for (_, var), (_, spec) in zip(
@@ -213,7 +213,7 @@ def run(
             record: dict[str, Any] = {"step": step, "loss": float(loss)}
             record["seconds_per_step"] = (time.perf_counter() - t0) / max(1, step - 1)
             if lr_schedule is not None:
-                record["lr"] = float(lr_schedule(step - 1))
+                record["lr"] = float(np.asarray(lr_schedule(step - 1)))
             if fixed is not None and (step % eval_every == 0 or step == steps):
                 record["eval_loss"] = float(
                     np.mean([float(eval_loss(model, put(w))) for w in np.array_split(fixed, 4)])
@@ -225,7 +225,7 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lora_muon_jax.finetune", description=__doc__.split("\n")[0]
+        prog="python -m lora_muon_jax.finetune", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--model", required=True, help="HF checkpoint directory")
     parser.add_argument("--data", required=True, help="a UTF-8 text file")

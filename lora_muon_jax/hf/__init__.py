@@ -1,4 +1,4 @@
-"""HuggingFace decoders in JAX: checkpoints in, LoRA on them, merged checkpoints and PEFT adapters out.
+"""HuggingFace decoders in JAX: checkpoints in, LoRA on them, merged checkpoints and PEFT out.
 
 Needs ``pip install -e ".[hf]"`` (flax, ml_dtypes; ``tokenizers`` for tokenizer
 files). Llama-, Mistral- and Qwen-family (Qwen2, Qwen3) ``*ForCausalLM``

@@ -80,10 +80,11 @@ def megatron_partition(
 
     def spec(path: Path, shape: tuple[int, ...]) -> PartitionSpec:
         lead = len(shape) - 2
-        name = path[-2] if len(path) > 1 else ""
-        if path[-1] == "embedding":
+        keys = ["", "", *path]
+        name, leaf = keys[-2], keys[-1]
+        if leaf == "embedding":
             return PartitionSpec(fits(tp, shape[0]), fits(fsdp, shape[1]))
-        if path[-1] != "kernel" or lead < 0:
+        if leaf != "kernel" or lead < 0:
             return PartitionSpec()
         d_in, d_out = shape[-2:]
         if name in ("o_proj", "down_proj"):
@@ -100,7 +101,7 @@ def _flat_state(tree: Any) -> Iterator[tuple[Path, Any]]:
 
 def _reader(
     index: SafetensorsIndex, key: str, transpose: bool, layers: int | None, dtype: Any
-) -> Callable[[tuple[slice, ...]], np.ndarray]:
+) -> Callable[[Any], np.ndarray]:
     """``callback(index) -> ours[index]`` reading only that slice from disk."""
 
     def read_one(name: str, idx: tuple[Any, ...]) -> np.ndarray:
@@ -108,7 +109,7 @@ def _reader(
             return index.read(name, tuple(reversed(idx))).T
         return index.read(name, idx)
 
-    def callback(idx: tuple[slice, ...]) -> np.ndarray:
+    def callback(idx: Any) -> np.ndarray:
         if layers is not None:
             chosen = range(*idx[0].indices(layers)) if isinstance(idx[0], slice) else [idx[0]]
             out = np.stack([read_one(key.format(i=i), tuple(idx[1:])) for i in chosen])

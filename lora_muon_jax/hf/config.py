@@ -1,4 +1,4 @@
-"""The configuration of a HuggingFace decoder checkpoint (Llama, Mistral, Qwen2, Qwen3), read from ``config.json``.
+"""An HF decoder checkpoint's configuration (Llama, Mistral, Qwen2, Qwen3), from ``config.json``.
 
 Only what the forward pass needs, validated with errors that name the field:
 an architecture or a RoPE variant this package does not implement is refused,

@@ -37,7 +37,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(_F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+        weight = self.weight[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return weight * y.astype(x.dtype)
 
 
 def _linear(d_in: int, d_out: int, bias: bool, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
@@ -54,7 +55,7 @@ def _linear(d_in: int, d_out: int, bias: bool, param_dtype: Any, rngs: nnx.Rngs)
 def rotary(positions: jax.Array, config: DecoderConfig) -> tuple[jax.Array, jax.Array]:
     """``cos, sin`` of shape (B, L, head_dim): HF's ``cat(freqs, freqs)`` layout."""
     inv = jnp.asarray(config.inverse_frequencies(), _F32)
-    freqs = positions.astype(_F32)[..., None] * inv
+    freqs = positions.astype(_F32)[..., None] * inv.reshape((1,) * positions.ndim + (-1,))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -175,9 +176,9 @@ class Backbone(nnx.Module):
             ):
                 return layer(x, cos, sin, mask)
 
-            x = body(x, self.layers, cos, sin, mask)
+            x = body(x, self.layers, cos, sin, mask)  # type: ignore[arg-type]
         else:
-            for layer in self.layers:
+            for layer in self.layers:  # type: ignore[union-attr]
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
 

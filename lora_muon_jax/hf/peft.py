@@ -178,7 +178,8 @@ def load_peft_adapter(
         value = index.read(key).astype(np.float32).T  # ours: (in, r) / (r, out)
         want = a_shape if which == "A" else b_shape
         if value.shape != want:
-            what = "rank" if value.shape[-1 if which == "A" else 0] != r else "layer shape"
+            theirs = value.shape[-1] if which == "A" else value.shape[0]
+            what = "rank" if theirs != a_shape[-1] else "layer shape"
             raise ValueError(
                 f"{adapter_dir}: {key} has shape {tuple(reversed(value.shape))}, the model's "
                 f"adapter there needs {tuple(reversed(want))} (a different {what}: adapter r={r}, "
