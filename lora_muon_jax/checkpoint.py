@@ -16,8 +16,15 @@ at the previous checkpoint (``tests/test_checkpoint.py`` kills a writer to
 show it). Every process of a multi-host job must call ``save`` and
 ``restore``.
 
+Flax NNX training state (``nnx.Optimizer`` + model) has its own pair,
+``save_nnx`` / ``restore_nnx``: they save plain nested dicts of arrays
+(``nnx.to_pure_dict``), the adapters alone or adapters + base, and restore
+into an existing model and optimizer built on the mesh wanted now, so the run
+continues on another mesh or device count.
+
 Import explicitly: ``from lora_muon_jax import checkpoint`` (needs
-``orbax-checkpoint``; the core package does not import it).
+``orbax-checkpoint``; ``save_nnx``/``restore_nnx`` need ``flax``; the core
+package imports neither).
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ __all__ = [
     "abstract_train_state",
     "checkpoint_manager",
     "restore",
+    "restore_nnx",
     "save",
+    "save_nnx",
 ]
 
 
@@ -61,7 +70,9 @@ def checkpoint_manager(
         save_interval_steps=save_interval_steps,
         enable_async_checkpointing=enable_async,
     )
-    return ocp.CheckpointManager(os.fspath(directory), options=options)
+    return ocp.CheckpointManager(
+        os.fspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
 
 
 def save(
@@ -139,3 +150,125 @@ def restore(
             return None
     state = manager.restore(step, args=ocp.args.StandardRestore(target))
     return step, dict(state)
+
+
+def _nnx_state(model: Any, optimizer: Any, include_base: bool) -> dict[str, Any]:
+    from flax import nnx
+
+    wanted = nnx.Param if include_base else nnx.LoRAParam
+    state: dict[str, Any] = {"model": nnx.to_pure_dict(nnx.state(model, wanted))}
+    if optimizer is not None:
+        state["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer, nnx.optimizer.OptState))
+    return state
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    def name(path: Any) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_fits(
+    manager: ocp.CheckpointManager, step: int, current: Any, include_base: bool
+) -> None:
+    """Raise ``ValueError`` naming the first path where checkpoint and target differ."""
+    saved = _shapes_by_path(manager.item_metadata(step))
+    wanted = _shapes_by_path(current)
+    where = f"checkpoint step {step} in {manager.directory} does not fit"
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+        hint = "" if not extra else f" (saved with include_base={not include_base}?)"
+        raise ValueError(
+            f"{where} (include_base={include_base}): model/optimizer paths not in the checkpoint "
+            f"{missing[:3]}{'...' if len(missing) > 3 else ''}, checkpoint paths not in the "
+            f"model/optimizer {extra[:3]}{'...' if len(extra) > 3 else ''}{hint}"
+        )
+    for path, shape in wanted.items():
+        if saved[path] != shape:
+            raise ValueError(
+                f"{where}: {path} has shape {saved[path]} in the checkpoint, {shape} here "
+                "(another rank or model size?)"
+            )
+
+
+def save_nnx(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model: Any,
+    optimizer: Any = None,
+    *,
+    include_base: bool = False,
+    force: bool = False,
+) -> bool:
+    """Save a Flax NNX model's adapters (or all its parameters) and its ``nnx.Optimizer``.
+
+    The checkpoint is ``{"model": ..., "optimizer": ...}`` of plain nested dicts
+    of arrays: the model's ``nnx.LoRAParam`` values (``include_base=True``: every
+    ``nnx.Param``, base weights included) and the optimizer's step and
+    ``opt_state``. Every process of a multi-host job must call it.
+
+    Args:
+      manager: ``checkpoint_manager(directory)``.
+      step: the step number to save under (e.g. ``int(optimizer.step.value)``).
+      model: the ``nnx.Module`` trained.
+      optimizer: its ``nnx.Optimizer`` (``None``: the model alone).
+      include_base: also save the frozen base weights (default: adapters only;
+        the base comes back from its own checkpoint).
+      force: save even between ``save_interval_steps``.
+
+    Returns:
+      Whether a checkpoint was started.
+    """
+    state = _nnx_state(model, optimizer, include_base)
+    return bool(manager.save(step, args=ocp.args.StandardSave(state), force=force))
+
+
+def restore_nnx(
+    manager: ocp.CheckpointManager,
+    model: Any,
+    optimizer: Any = None,
+    *,
+    include_base: bool = False,
+    step: int | None = None,
+) -> int | None:
+    """Restore ``save_nnx``'s checkpoint into ``model`` (and ``optimizer``) in place.
+
+    The arrays come back with the shardings that ``model``'s and ``optimizer``'s
+    current arrays have: build them on the mesh wanted now (e.g.
+    ``hf.load_pretrained(dir, mesh=new_mesh)``, ``finetune.adapt(..., mesh=new_mesh)``,
+    ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``), then restore; orbax reads
+    each device's slice, so the mesh shape and device count may differ from the
+    saving run's. Pass the same ``include_base`` and optimizer as when saving.
+
+    Returns:
+      The step restored, or ``None`` when the directory has no finished checkpoint
+      (``model`` and ``optimizer`` are then left as they are).
+
+    Raises:
+      ValueError: the checkpoint's tree differs from the model's/optimizer's
+        (another architecture, rank, optimizer, or ``include_base`` setting);
+        the message names both.
+    """
+    from flax import nnx
+
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            return None
+    current = _nnx_state(model, optimizer, include_base)
+    _check_fits(manager, step, current, include_base)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current
+    )
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    wanted = nnx.Param if include_base else nnx.LoRAParam
+    model_state = nnx.state(model, wanted)
+    nnx.replace_by_pure_dict(model_state, restored["model"])
+    nnx.update(model, model_state)
+    if optimizer is not None:
+        opt_state = nnx.state(optimizer, nnx.optimizer.OptState)
+        nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
+        nnx.update(optimizer, opt_state)
+    return step
