@@ -133,18 +133,39 @@ def make_optimizer(
     if name == "adamw":
         return optax.adamw(schedule(learning_rate), weight_decay=weight_decay)
 
+    return loraplus(schedule(learning_rate), ratio=loraplus_ratio, weight_decay=weight_decay)
+
+
+def loraplus(
+    learning_rate: float | optax.Schedule, *, ratio: float = 16.0, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al., 2024): AdamW on every factor, B's learning rate × ``ratio``.
+
+    B is each pair's ``lora_b`` (the factor next to the output, zero at init). Works
+    on plain trees and on ``nnx.Optimizer``'s Variable trees (a whole Variable gets
+    one label, so ``optax.partition`` masks Variables, not their values).
+    """
+
     def labels(params: Any) -> Any:
         def label(path: tuple[Any, ...], _: Any) -> str:
             names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
             names = [n for n in names if n != "value"]
             return "b" if names and names[-1].endswith("lora_b") else "a"
 
-        return jax.tree_util.tree_map_with_path(label, params)
+        return jax.tree_util.tree_map_with_path(
+            label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+
+    def scaled(step: Any) -> Any:
+        return ratio * (learning_rate(step) if callable(learning_rate) else learning_rate)
 
     return optax.partition(
         {
-            "a": optax.adamw(schedule(learning_rate), weight_decay=weight_decay),
-            "b": optax.adamw(schedule(learning_rate * loraplus_ratio), weight_decay=weight_decay),
+            "a": optax.adamw(learning_rate, weight_decay=weight_decay),
+            "b": optax.adamw(
+                scaled if callable(learning_rate) else ratio * learning_rate,
+                weight_decay=weight_decay,
+            ),
         },
         labels,
     )

@@ -22,11 +22,22 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
-def _run_block(index: int) -> tuple[dict, str]:
+def _block(marker: str) -> str:
+    """The one README python block that contains ``marker``."""
+    found = [b for b in _python_blocks() if marker in b]
+    assert len(found) == 1, (marker, len(found))
+    return found[0]
+
+
+OPTAX, NNX, SHARDING = '"norm_scale": jnp.ones(512)', "class Model(nnx.Module)", "init_sharded"
+FINETUNE_NNX, FINETUNE_TUNIX = "train_step(model, optimizer, text.windows", "peft_trainer"
+
+
+def _run_block(marker: str) -> tuple[dict, str]:
     namespace: dict = {}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(_python_blocks()[index], namespace)
+        exec(_block(marker), namespace)
     return namespace, out.getvalue()
 
 
@@ -37,7 +48,7 @@ def _printed_losses(text: str) -> tuple[float, float]:
 
 
 def test_optax_quickstart_trains() -> None:
-    namespace, printed = _run_block(0)
+    namespace, printed = _run_block(OPTAX)
     first, last = _printed_losses(printed)
     assert last < 0.9 * first
     params = namespace["params"]
@@ -49,7 +60,7 @@ def test_nnx_quickstart_trains_only_factors() -> None:
     from flax import nnx
 
     # The block builds, trains and prints; rebuild the model to check what moved.
-    namespace, printed = _run_block(1)
+    namespace, printed = _run_block(NNX)
     first, last = _printed_losses(printed)
     assert last < 0.9 * first
     model = namespace["Model"](nnx.Rngs(0))
@@ -83,13 +94,13 @@ def test_sharding_block_shards_and_matches_one_device() -> None:
     if jax.device_count() < 2:
         pytest.skip("needs several devices (tests/conftest.py asks for 8 CPU devices)")
     namespace: dict = {}
-    exec(_python_blocks()[2], namespace)
+    exec(_block(SHARDING), namespace)
     params, state, step, grads = (namespace[k] for k in ("params", "state", "step", "grads"))
     for leaf in jax.tree.leaves(params):
         assert "fsdp" in tuple(leaf.sharding.spec)
     # Oracle: the same step on one device, no shardings (the block up to the sharding).
     fresh: dict = {}
-    exec(_python_blocks()[2].split("specs =")[0], fresh)
+    exec(_block(SHARDING).split("specs =")[0], fresh)
     tx = lora_muon(learning_rate=0.1)
     plain = fresh["params"]
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, plain), tx.init(plain), plain)
@@ -100,3 +111,62 @@ def test_sharding_block_shards_and_matches_one_device() -> None:
         text = step.lower(params, state, grads).compile().as_text()
     kinds = {c.kind for c in hlo_collectives(text)}
     assert kinds == {"all-reduce"}, kinds
+
+
+# ----------------------------------------------------------------- finetuning a checkpoint
+
+MODEL_DIR = "experiments/results/finetune_study/quick/base"
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def finetune_workdir(tmp: pathlib.Path) -> pathlib.Path:
+    """A directory laid out like a clone after the main job: the base checkpoint at MODEL_DIR
+    (here a tiny random Llama saved by ``transformers``) and ``../shared/data`` beside it."""
+    from tests import hf_fixtures as fx
+
+    if not DATA.exists():
+        pytest.skip(f"needs {DATA}")
+    work = tmp / "clone"
+    fx.make_checkpoint(work / MODEL_DIR, "llama")
+    (tmp / "shared" / "data").mkdir(parents=True)
+    (tmp / "shared" / "data" / "tinyshakespeare.txt").symlink_to(DATA)
+    return work
+
+
+def run_in(work: pathlib.Path, args: list[str]) -> str:
+    out = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("marker", [FINETUNE_NNX, FINETUNE_TUNIX], ids=["nnx", "tunix"])
+def test_finetune_quickstarts_train_a_checkpoint(tmp_path: pathlib.Path, marker: str) -> None:
+    work = finetune_workdir(tmp_path)
+    block = _block(marker)
+    assert len(block.strip().splitlines()) <= 26, "the quickstart should stay short"
+    first, last = _printed_losses(run_in(work, [sys.executable, "-c", block]))
+    assert last < first - 0.3, (first, last)  # bytes of Shakespeare: learnt quickly
+
+
+def test_finetune_cli_block_writes_what_peft_loads(tmp_path: pathlib.Path) -> None:
+    from tests import hf_fixtures as fx
+
+    work = finetune_workdir(tmp_path)
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    (cli,) = [b for b in blocks if "lora_muon_jax.finetune" in b]
+    args = cli.replace("\\\n", " ").split()
+    assert args[0] == ".venv/bin/python"
+    out_dir = pathlib.Path(args[args.index("--out") + 1])
+    run_in(work, [sys.executable, *args[1:]])
+    tokens = fx.tokens()
+    with_adapter = fx.torch_logits(work / MODEL_DIR, tokens, adapter=out_dir / "adapter")
+    merged = fx.torch_logits(out_dir / "merged", tokens)
+    np.testing.assert_allclose(with_adapter, merged, rtol=0, atol=2e-5)

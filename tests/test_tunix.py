@@ -84,3 +84,18 @@ def test_peft_trainer_gradient_accumulation(ckpt: pathlib.Path, tmp_path: pathli
     _run(ckpt, tmp_path / "plain")
     plain = _factors(tmp_path / "plain")
     assert any(not np.array_equal(first[k], plain[k]) for k in first)
+
+
+def test_tunix_model_input_matches_tunix_own_mask_and_positions() -> None:
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as sft_utils
+
+    from lora_muon_jax.hf import tunix_model_input
+
+    tokens = np.arange(2 * 5, dtype=np.int32).reshape(2, 5)
+    mask = np.array([[True] * 5, [True, True, True, False, False]])  # row 1 right-padded
+    got = tunix_model_input(peft_trainer.TrainingInput(input_tokens=tokens, input_mask=mask))
+    np.testing.assert_array_equal(got["attention_mask"], sft_utils.make_causal_attn_mask(mask))
+    np.testing.assert_array_equal(got["positions"], np.broadcast_to(np.arange(5), (2, 5)))
+    np.testing.assert_array_equal(got["input_tokens"], tokens)
+    np.testing.assert_array_equal(got["input_mask"], mask)

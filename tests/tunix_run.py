@@ -39,12 +39,11 @@ def main() -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
     from tunix.sft import hooks, metrics_logger, peft_trainer
-    from tunix.sft import utils as sft_utils
 
     from lora_muon_jax import lora_muon
     from lora_muon_jax.finetune import adapt, make_mesh
     from lora_muon_jax.flax.nnx import lora_scale_fn
-    from lora_muon_jax.hf import load_pretrained
+    from lora_muon_jax.hf import load_pretrained, tunix_model_input
 
     root = pathlib.Path(args.root)
     mesh = make_mesh((1, args.devices // 2, 2))
@@ -70,18 +69,7 @@ def main() -> None:
         )
         trainer = peft_trainer.PeftTrainer(model, tx, config)
 
-        def gen(x):  # type: ignore[no-untyped-def]
-            tokens = x.input_tokens
-            positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-            mask = sft_utils.make_causal_attn_mask(x.input_mask)
-            return dict(
-                input_tokens=tokens,
-                input_mask=x.input_mask,
-                positions=positions,
-                attention_mask=mask,
-            )
-
-        trainer = trainer.with_gen_model_input_fn(gen)
+        trainer = trainer.with_gen_model_input_fn(tunix_model_input)
 
         class Report(hooks.TrainingHooks):
             def on_train_start(self, train_ctx):  # type: ignore[no-untyped-def]

@@ -23,10 +23,13 @@ fi
 # pip is idempotent: already-satisfied requirements are skipped.
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "jax[tpu]" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-"$VENV/bin/pip" install -q -e "$REPO_DIR" orbax-checkpoint
+"$VENV/bin/pip" install -q -e "$REPO_DIR[hf,orbax]"
 
 if [ ! -f "$DATA" ] && [ -n "$DATA_URL" ]; then
   curl -fsSL "$DATA_URL" -o "$DATA.tmp" && mv "$DATA.tmp" "$DATA"
+fi
+if [ -n "${MODEL_URI:-}" ] && [ ! -f "$HOME/hf_model/config.json" ]; then  # gs://.../Llama-3.2-1B
+  mkdir -p "$HOME/hf_model" && gcloud storage cp -r "$MODEL_URI/*" "$HOME/hf_model/"
 fi
 [ -f "$DATA" ] || echo "note: $DATA is missing; copy it with gcloud compute tpus tpu-vm scp --worker=all"
 

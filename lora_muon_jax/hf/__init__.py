@@ -13,7 +13,7 @@ from lora_muon_jax.hf.checkpoint import (
     save_pretrained,
 )
 from lora_muon_jax.hf.config import DecoderConfig
-from lora_muon_jax.hf.model import CausalLM
+from lora_muon_jax.hf.model import CausalLM, tunix_model_input
 
 __all__ = [
     "CausalLM",
@@ -23,4 +23,5 @@ __all__ = [
     "load_pretrained",
     "megatron_partition",
     "save_pretrained",
+    "tunix_model_input",
 ]

@@ -220,12 +220,21 @@ def _annotate_shardings(model: nnx.Module, partition: PartitionFn) -> None:
             )
 
 
+def host_array(x: Any) -> np.ndarray:
+    """A NumPy copy of ``x``; a multi-host array is gathered first (every process must call)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def hf_tensors(params: Any, config: DecoderConfig, *, stacked: bool) -> dict[str, np.ndarray]:
     """HF-named numpy tensors of a parameter tree without LoRA factors (merge them first)."""
     out: dict[str, np.ndarray] = {}
     for path, leaf in _flat_state(params):
         key, transpose = hf_name(path, stacked=stacked)
-        array = np.asarray(jax.device_get(leaf))
+        array = host_array(leaf)
         parts = (
             [(key.format(i=i), array[i]) for i in range(array.shape[0])]
             if "{i}" in key
@@ -248,8 +257,11 @@ def save_pretrained(
     """Write an HF checkpoint: ``config.json`` (and tokenizer files) from ``config_source``.
 
     Shards above ``max_shard_bytes`` into ``model-0000k-of-0000n.safetensors``
-    with ``model.safetensors.index.json``, as ``transformers`` does.
+    with ``model.safetensors.index.json``, as ``transformers`` does. In a
+    multi-host job only process 0 writes.
     """
+    if jax.process_index() != 0:
+        return pathlib.Path(out_dir)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = pathlib.Path(config_source)

@@ -228,3 +228,23 @@ class CausalLM(nnx.Module):
         else:
             logits = self.lm_head(x)
         return logits, None
+
+
+def tunix_model_input(x: Any) -> dict[str, jax.Array]:
+    """A tunix ``TrainingInput`` as the keyword arguments of tunix's default loss on `CausalLM`.
+
+    For ``PeftTrainer(...).with_gen_model_input_fn(tunix_model_input)``. Tokens (B, L) and
+    ``input_mask`` (B, L) pass through; ``positions`` (B, L) count from 0 along each row;
+    ``attention_mask`` (B, L, L) is causal and hides padded keys (``input_mask`` False), what
+    tunix's ``sft.utils.make_causal_attn_mask`` builds.
+    """
+    tokens, mask = jnp.asarray(x.input_tokens), jnp.asarray(x.input_mask, bool)
+    b, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return dict(
+        input_tokens=tokens,
+        input_mask=mask,
+        positions=positions,
+        attention_mask=causal[None] & mask[:, None, :],
+    )

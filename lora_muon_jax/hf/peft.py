@@ -27,7 +27,7 @@ from lora_muon_jax import _pairs
 from lora_muon_jax.flax import params as tree_params
 from lora_muon_jax.flax.nnx import lora_scale_fn
 from lora_muon_jax.flax.surgery import lorafy
-from lora_muon_jax.hf.checkpoint import hf_tensors, save_pretrained
+from lora_muon_jax.hf.checkpoint import hf_tensors, host_array, save_pretrained
 from lora_muon_jax.hf.model import CausalLM
 from lora_muon_jax.hf.safetensors_io import SafetensorsIndex, write_safetensors
 
@@ -47,8 +47,8 @@ def _modules(model: CausalLM) -> list[tuple[str, np.ndarray, np.ndarray, _pairs.
     leaves = jax.tree_util.tree_leaves(state)
     out = []
     for pair in _pairs.find_lora_pairs(state):
-        a = np.asarray(jax.device_get(leaves[pair.a_index]), np.float32)
-        b = np.asarray(jax.device_get(leaves[pair.b_index]), np.float32)
+        a = host_array(leaves[pair.a_index]).astype(np.float32)
+        b = host_array(leaves[pair.b_index]).astype(np.float32)
         path = [k for k in pair.module_path if k != "base_module"]
         nb = pair.dims.num_batch_axes or 0
         if nb == 0:
@@ -73,7 +73,8 @@ def save_peft_adapter(
     ``lora_scale``: each pair's ``s`` (default: ``lora_scale_fn(model)``, i.e. what
     ``lorafy``'s ``alpha / rank`` declared; pass ``alpha / rank`` for qwix).
     Ranks and scales that differ between modules go to PEFT's ``rank_pattern`` /
-    ``alpha_pattern``.
+    ``alpha_pattern``. Multi-host: call on every process (the factors are
+    gathered); process 0 writes.
     """
     modules = _modules(model)
     if not modules:
@@ -105,6 +106,8 @@ def save_peft_adapter(
         "modules_to_save": None,
     }
     out_dir = pathlib.Path(out_dir)
+    if jax.process_index() != 0:
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     write_safetensors(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
@@ -121,11 +124,14 @@ def save_merged(
     """``W_pre + s · lora_a ⋅ lora_b`` for every adapter, written as an HF checkpoint.
 
     The model itself is not changed; ``config.json`` and tokenizer files come from
-    ``base_dir`` (the checkpoint the model was loaded from).
+    ``base_dir`` (the checkpoint the model was loaded from). Multi-host: call on
+    every process (each weight is gathered to every host); process 0 writes.
     """
     if lora_scale is None:
         lora_scale = lora_scale_fn(model, default=1.0)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # On the host: the weights are gathered for writing anyway, and merging there
+    # avoids resharding each factor product onto its weight's layout on device.
+    params = jax.tree.map(host_array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     merged = tree_params.merge_lora_params(params, lora_scale)
     tensors = hf_tensors(merged, model.config, stacked=model.model.scan_layers)
     return save_pretrained(tensors, base_dir, out_dir)
