@@ -374,6 +374,17 @@ def time_steps(study: Study, rank: int, lrs: dict[str, float], rounds: int) -> d
 # ------------------------------------------------------------------------------- report
 
 
+def paired_difference(test: np.ndarray, reference: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``test − reference`` paired by seed, and its 95 % confidence half-width (t)."""
+    import scipy.stats  # jax's own dependency
+
+    d = np.asarray(test) - np.asarray(reference)
+    if len(d) < 2 or not d.any():
+        return float(d.mean()), float("nan") if len(d) < 2 else 0.0
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(half)
+
+
 def write_reports(study: Study, results: dict[int, dict[str, Any]], base_old: float) -> str:
     out = study.out
     lines = []
@@ -390,12 +401,14 @@ def write_reports(study: Study, results: dict[int, dict[str, Any]], base_old: fl
                 "val_mean",
                 "old_mean",
                 "forgetting_mean",
+                "test_minus_adamw_mean",
+                "test_minus_adamw_ci95",
                 "step_time_ratio_vs_adamw",
             ]
         )
         header = (
             f"{'rank':>4} {'optimizer':10} {'best lr':>8} {'test loss (mean ± sd)':>22} "
-            f"{'old-domain loss':>15} {'step time':>10}"
+            f"{'old-domain loss':>15} {'Δ test vs adamw (95% CI)':>25} {'step time':>10}"
         )
         lines += [header, "-" * len(header)]
         for rank, res in results.items():
@@ -406,6 +419,7 @@ def write_reports(study: Study, results: dict[int, dict[str, Any]], base_old: fl
                 old = np.array([r["old_loss"] for r in rec])
                 ratio = res["timing"][name] / res["timing"]["adamw"]
                 sd = float(test.std(ddof=1)) if len(test) > 1 else float("nan")
+                delta, ci = paired_difference(test, [final(r, 2) for r in res["seeds"]["adamw"]])
                 w.writerow(
                     [
                         rank,
@@ -417,12 +431,20 @@ def write_reports(study: Study, results: dict[int, dict[str, Any]], base_old: fl
                         f"{val.mean():.5f}",
                         f"{old.mean():.5f}",
                         f"{old.mean() - base_old:.5f}",
+                        f"{delta:.5f}",
+                        f"{ci:.5f}",
                         f"{ratio:.3f}",
                     ]
                 )
                 lines.append(
                     f"{rank:>4} {name:10} {res['lr'][name]:>8.4g} "
-                    f"{test.mean():>13.4f} ± {sd:<6.4f} {old.mean():>15.4f} {ratio:>9.2f}×"
+                    f"{test.mean():>13.4f} ± {sd:<6.4f} {old.mean():>15.4f} "
+                    + (
+                        f"{'(reference)':>25}"
+                        if name == "adamw"
+                        else f"{delta:>+15.4f} ± {ci:<7.4f}"
+                    )
+                    + f" {ratio:>9.2f}×"
                 )
     lines.append(
         f"base model: old-domain (Python) loss {base_old:.4f}, new-domain (Shakespeare) test "
