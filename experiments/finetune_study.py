@@ -11,7 +11,8 @@ What a user would do, end to end, on data every machine has offline:
    (``--data``), with three optimizers on the factors — ``lora_muon``, AdamW, and LoRA+
    (AdamW, B's learning rate ×16) — each over a learning-rate grid that must bracket
    its optimum (an optimum at the grid's edge extends the grid by one point, up to
-   3 times), for every rank in ``--ranks``. All runs of a seed see the same batches;
+   3 times), for every rank in ``--ranks`` (ranks after the first start from a grid
+   centred on the first rank's optimum). All runs of a seed see the same batches;
    the peak learning rate follows linear warmup (5 %) and cosine decay to 10 %.
 3. **Select** each optimizer's learning rate on the *validation* half of the held-out
    Shakespeare (seed 0), then run ``--seeds`` seeds at it and report the *test* half:
@@ -114,7 +115,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale(64, 2, 4, 2, 192, 1000, 3e-3, 200, 16, 64, (8,), 3, 25, 64),
-    "default": Scale(128, 4, 4, 2, 384, 1500, 2e-3, 300, 16, 128, (8, 32), 3, 25, 128),
+    "default": Scale(128, 4, 4, 2, 384, 1500, 2e-3, 200, 16, 128, (8, 32), 3, 40, 64),
     "tiny": Scale(32, 2, 2, 1, 64, 20, 3e-3, 8, 4, 16, (4,), 1, 4, 4),  # the test's
 }
 
@@ -335,9 +336,18 @@ class Study:
         )
         return record
 
-    def best_lr(self, name: str, rank: int) -> tuple[float, list[dict[str, Any]]]:
-        """Seed 0: the grid, extended while the optimum is at its edge, then refined."""
+    def best_lr(
+        self, name: str, rank: int, centre: float | None = None
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """Seed 0: the grid, extended while the optimum is at its edge, then refined.
+
+        ``centre``: another rank's optimum; the half-decade grid is then centred on it
+        (the same extension and refinement rules keep the result bracketed).
+        """
         grid = list(GRIDS[name])
+        if centre is not None:
+            e = round(4 * math.log10(centre))
+            grid = [e - 2, e, e + 2]
         for _ in range(4):
             records = [self.get(name, rank, lr_of(e), 0) for e in grid]
             best = int(np.argmin([final(r, 1) for r in records]))
@@ -609,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res: dict[str, Any] = {"lr": {}, "grid": {}, "seeds": {}}
         res.update(base_test=base_test, base_old=base_old)
         for opt in OPTIMIZERS:
-            res["lr"][opt], res["grid"][opt] = study.best_lr(opt, rank)
+            centre = results[scale.ranks[0]]["lr"][opt] if results else None
+            res["lr"][opt], res["grid"][opt] = study.best_lr(opt, rank, centre)
             res["seeds"][opt] = [
                 study.get(opt, rank, res["lr"][opt], s) for s in range(scale.seeds)
             ]
