@@ -9,7 +9,8 @@ Public surface, in three tiers:
 * the optimizer: ``lora_muon(learning_rate, ...)``;
 
 plus factor-pair discovery: ``find_lora_pairs``, ``lora_param_labels``,
-``default_pair_rule``, ``LoRADimensionNumbers``, ``LoRAPair``, and
+``default_pair_rule``, ``LoRADimensionNumbers``, ``maxtext_dimension_numbers``,
+``LoRAPair``, and
 ``pair_diagnostics`` (condition numbers, balance and step stable rank to log).
 
 The core imports only jax and optax.
@@ -38,6 +39,7 @@ from lora_muon_jax._pairs import (
     default_pair_rule,
     find_lora_pairs,
     lora_param_labels,
+    maxtext_dimension_numbers,
 )
 from lora_muon_jax._polar import inverse_sqrt, matrix_sign
 from lora_muon_jax._rebalance import with_gauge_rebalancing
@@ -65,6 +67,7 @@ __all__ = [
     "lora_muon_directions",
     "lora_param_labels",
     "matrix_sign",
+    "maxtext_dimension_numbers",
     "pair_diagnostics",
     "scale_by_lora_muon",
     "scale_by_pair_direction",

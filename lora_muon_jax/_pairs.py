@@ -1,29 +1,54 @@
 """Finding LoRA factor pairs in a parameter tree, by tree structure.
 
-A pair is two sibling leaves that a *pair rule* maps to the same group with
-roles ``"a"`` and ``"b"``. The default rule knows three layouts:
+A pair is two leaves that a *pair rule* maps to the same group with roles
+``"a"`` and ``"b"``. The default rule, ``default_pair_rule``, knows these
+namings, each with the layout it implies (``A`` is the input side, ``m`` its
+size; ``B`` the output side, ``n``):
 
-* ``lora_a`` / ``lora_b`` siblings: flax ``nnx.LoRA``, ``nnx.LoRALinear``
-  (under its ``lora`` child) and this package's modules;
-* ``<name>_lora_a`` / ``<name>_lora_b`` siblings: qwix
-  (``kernel_lora_a``, ``kernel_lora_b``);
-* ``lora: {a: ..., b: ...}``: gemma-style.
+======================================  =====================================  ==================
+naming (sibling leaves)                  who writes it                          factor axes
+======================================  =====================================  ==================
+``lora_a`` / ``lora_b``                  flax ``nnx.LoRA``, ``nnx.LoRALinear``  ``(*in, r)``,
+                                         (under ``lora``), this package,        ``(r, *out)``
+                                         MaxText
+``<name>_lora_a`` / ``<name>_lora_b``    qwix (Linear, Einsum, conv), so tunix  ``(*in, r)``,
+                                                                                ``(r, *out)``
+``lora: {a, b}``                         gemma ``peft`` (batch dims of the      ``(*in, r)``,
+                                         einsum in ``a`` only: they flatten     ``(r, *out)``
+                                         into m)
+``lora_A`` / ``lora_B`` (optionally      HF PEFT / torch-converted trees,       ``(r, in, *k)``,
+``.<adapter>`` and ``.weight``, nested   levanter (``lora_A.weight``)           ``(out, r, *1)``
+or as dotted flat keys)
+``lora_embedding_A`` / ``_B``            PEFT embeddings                        ``(r, vocab)``,
+                                                                                ``(dim, r)``
+``lora_down`` / ``lora_up`` (+           kohya / diffusers                      ``(r, in, *k)``,
+``.weight``)                                                                    ``(out, r, *1)``
+======================================  =====================================  ==================
+
+Batch axes (one independent pair per index) are inferred only where the shapes
+admit exactly one valid reading (``_layouts``): leading axes both factors share
+(``nnx.vmap``/``nnx.scan``, linen ``nn.scan``, levanter, qwix dot_general batch
+dims, kauldron trees alike). A reading is valid when ranks agree and
+``r ≤ min(m, n)``. What is *not* inferred, because shapes alone cannot tell:
+
+* MaxText scanned layers (``scan_layers=True``): the layer axis sits inside both
+  factors at ``param_scan_axis`` (1), ``lora_a (embed, layers, r)``,
+  ``lora_b (r, layers, heads, head_dim)``; read as one matrix it would couple
+  all layers. Pass ``dimension_numbers=maxtext_dimension_numbers()``.
+* Stacked layers whose count equals the rank, e.g. ``(4, 16, 4)`` /
+  ``(4, 4, 8)``: 4 layers of ``16×4``/``4×8``, or one conv ``a`` with an einsum
+  ``b``? Pass ``LoRADimensionNumbers(num_batch_axes=...)``.
+
+Both raise a ``ValueError`` that lists the readings with the spec of each, as
+do a rank larger than ``min(m, n)`` (e.g. torch-layout factors under flax
+names) and leaves whose names look like factors (``lora_A``, ``lora_down``,
+``w_lora_a``, ...) but that no rule pairs. Never a silent guess.
 
 Key paths are read with nnx's trailing ``.value`` attribute dropped, so the
 Variables ``nnx.Optimizer`` gives ``init`` and the arrays it gives ``update``
-pair identically. ``optax.MaskedNode`` holes and leafless placeholders have no
-leaves and are simply skipped.
-
-Each ``LoRAPair`` carries its identity as structured paths (``PairName``);
-nothing downstream parses a formatted name back.
-
-Layout: ``x @ lora_a @ lora_b`` with ``lora_a (*batch, *in_axes, r)`` and
-``lora_b (*batch, r, *out_axes)``, i.e. ``A = lora_a`` flattened to
-``(m = prod(in_axes), r)`` and ``B = lora_bᵀ`` flattened to
-``(n = prod(out_axes), r)``. Leading axes the two factors share (stacked or
-scanned layers, dot_general batch dimensions) are batch axes: one independent
-pair per index. ``LoRADimensionNumbers`` says where the rank axes are when a
-tree uses another layout and fixes the batch axes when inference is ambiguous.
+pair identically. ``optax.MaskedNode`` holes (``optax.masked``/``partition``,
+kauldron ``partial_updates``) and leafless placeholders have no leaves and are
+simply skipped.
 
 Each ``LoRAPair`` carries its identity as structured paths (``PairName``):
 nothing downstream parses a formatted name back.
@@ -38,37 +63,20 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from lora_muon_jax import _deprecation
+from lora_muon_jax import _deprecation, _layouts
+from lora_muon_jax._layouts import LoRADimensionNumbers as LoRADimensionNumbers
+from lora_muon_jax._layouts import maxtext_dimension_numbers as maxtext_dimension_numbers
+from lora_muon_jax._naming import PairMatch as PairMatch
+from lora_muon_jax._naming import PairRule as PairRule
+from lora_muon_jax._naming import default_pair_rule as default_pair_rule
+from lora_muon_jax._naming import looks_like_factor, tokens
 from lora_muon_jax._views import Role as Role
+from lora_muon_jax._views import batch_axes_of, rank_axis_of
 from lora_muon_jax._views import from_math_layout as from_math_layout
 from lora_muon_jax._views import from_matrix_view as from_matrix_view
 from lora_muon_jax._views import math_views as math_views
 from lora_muon_jax._views import to_math_layout as to_math_layout
 from lora_muon_jax._views import to_matrix_view as to_matrix_view
-
-PairRule = Callable[[tuple[str, ...]], "tuple[Hashable, Role] | None"]
-
-
-class LoRADimensionNumbers(NamedTuple):
-    """Where the axes of a pair's factors go in ``A (m×r)`` and ``B (n×r)``.
-
-    Attributes:
-      num_batch_axes: leading axes shared by both factors that index
-        independent pairs (stacked/scanned layers). ``None``: infer it as the
-        largest count of equal leading axes that leaves a valid pair.
-      a_rank_axis: the rank axis of ``lora_a`` among its non-batch axes
-        (flax/qwix: ``-1``). Its other non-batch axes flatten into m.
-      b_rank_axis: the rank axis of ``lora_b`` among its non-batch axes
-        (flax/qwix: ``0``). Its other non-batch axes flatten into n.
-
-    Example: PyTorch-PEFT-style ``lora_A (r, in)``, ``lora_B (out, r)`` is
-    ``LoRADimensionNumbers(a_rank_axis=0, b_rank_axis=-1)``.
-    """
-
-    num_batch_axes: int | None = None
-    a_rank_axis: int = -1
-    b_rank_axis: int = 0
-
 
 DimensionNumbersArg = (
     LoRADimensionNumbers
@@ -95,7 +103,9 @@ class PairName(str):
     callables written for strings keep working, and it carries what code needs
     instead of parsing that string back: ``group`` (the pair rule's key),
     ``a_path`` / ``b_path`` (the factors' key paths, nnx's ``.value`` dropped)
-    and ``module_path`` (their common prefix: the module that owns the pair).
+    and ``module_path`` (their common prefix, keys split at dots so flat
+    ``"q_proj.lora_A.weight"`` keys give ``(..., "q_proj")``: the module that
+    owns the pair).
     """
 
     group: Hashable
@@ -109,7 +119,7 @@ class PairName(str):
 
     @property
     def module_path(self) -> Path:
-        return _common_prefix(self.a_path, self.b_path)
+        return _common_prefix(tokens(self.a_path), tokens(self.b_path))
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep the fields through pickling
         return (_make_pair_name, (str(self), self.group, self.a_path, self.b_path))
@@ -149,12 +159,22 @@ class LoRAPair(NamedTuple):
     b_index: int
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
-    dims: LoRADimensionNumbers  # num_batch_axes resolved to an int
+    dims: LoRADimensionNumbers  # resolved: every field set, batch axes as tuples
 
     @property
     def rank(self) -> int:
-        rest = self.a_shape[self.dims.num_batch_axes or 0 :]
-        return rest[self.dims.a_rank_axis]
+        return self.a_shape[rank_axis_of(self, "a")]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Sizes of the batch axes (``()`` for a single pair): one pair per index."""
+        return tuple(self.a_shape[ax] for ax in batch_axes_of(self, "a"))
+
+    @property
+    def leading_batch_axes(self) -> bool:
+        """True when the batch axes lead both factors (``lora_a[i]``, ``lora_b[i]`` is pair i)."""
+        nb = len(self.batch_shape)
+        return batch_axes_of(self, "a") == batch_axes_of(self, "b") == tuple(range(nb))
 
     @property
     def group(self) -> Hashable:
@@ -193,89 +213,31 @@ def normalized_path(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(_key_name(k) for k in keys)
 
 
-def default_pair_rule(path: tuple[str, ...]) -> tuple[Hashable, Role] | None:
-    """The default rule: flax ``lora_a/lora_b``, qwix ``*_lora_a/_b``, gemma ``lora/{a,b}``.
-
-    Args:
-      path: a leaf's key path as strings (see ``normalized_path``).
-
-    Returns:
-      ``(group, role)`` for a factor, ``None`` for any other leaf. Leaves with
-      equal groups form a pair.
-    """
-    if not path:
-        return None
-    *parent, leaf = path
-    if leaf in ("lora_a", "lora_b"):
-        return (*parent, "lora_{a,b}"), leaf[-1]  # type: ignore[return-value]
-    for suffix in ("_lora_a", "_lora_b"):
-        if leaf.endswith(suffix) and len(leaf) > len(suffix):
-            return (*parent, leaf[: -len(suffix)] + "_lora_{a,b}"), suffix[-1]  # type: ignore[return-value]
-    if parent and parent[-1] == "lora" and leaf in ("a", "b"):
-        return (*parent, "{a,b}"), leaf  # type: ignore[return-value]
-    return None
-
-
 def _group_name(group: Hashable) -> str:
     if isinstance(group, tuple):
         return "".join(f"[{k!r}]" for k in group)
     return repr(group)
 
 
-def _infer_num_batch_axes(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dims: LoRADimensionNumbers
-) -> int | None:
-    for k in range(min(len(a_shape), len(b_shape)) - 2, -1, -1):
-        if a_shape[:k] != b_shape[:k]:
-            continue
-        if _rank_of(a_shape[k:], dims.a_rank_axis) == _rank_of(b_shape[k:], dims.b_rank_axis):
-            return k
-    return None
-
-
-def _rank_of(shape: tuple[int, ...], axis: int) -> int | None:
-    if not -len(shape) <= axis < len(shape):
-        return None
-    return shape[axis]
-
-
 def _resolve_dims(
-    name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], arg: DimensionNumbersArg
+    name: PairName,
+    where: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    arg: DimensionNumbersArg,
+    naming: LoRADimensionNumbers | None,
 ) -> LoRADimensionNumbers:
     dims = arg(name, a_shape, b_shape) if callable(arg) else arg
-    dims = dims if dims is not None else LoRADimensionNumbers()
-    if not isinstance(dims, LoRADimensionNumbers):
+    if dims is not None and not isinstance(dims, LoRADimensionNumbers):
         raise TypeError(
             f"pair {name}: dimension numbers must be LoRADimensionNumbers, got {dims!r}"
         )
-    nb = dims.num_batch_axes
-    if nb is None:
-        nb = _infer_num_batch_axes(a_shape, b_shape, dims)
-        if nb is None:
-            raise ValueError(
-                f"pair {name}: lora_a {a_shape} and lora_b {b_shape} do not form a LoRA pair "
-                f"with rank axes a_rank_axis={dims.a_rank_axis}, b_rank_axis={dims.b_rank_axis}: "
-                "the ranks differ (or no leading batch axes agree). Check the factor shapes, "
-                "or pass LoRADimensionNumbers(...) via `dimension_numbers`."
-            )
-    if nb < 0 or nb > min(len(a_shape), len(b_shape)) - 2:
-        raise ValueError(
-            f"pair {name}: num_batch_axes={nb} leaves fewer than 2 axes in lora_a {a_shape} "
-            f"or lora_b {b_shape}"
+    if naming is not None and not isinstance(naming, LoRADimensionNumbers):
+        raise TypeError(
+            f"pair {name}: the pair rule's layout must be LoRADimensionNumbers or None, "
+            f"got {naming!r}"
         )
-    if a_shape[:nb] != b_shape[:nb]:
-        raise ValueError(
-            f"pair {name}: the {nb} batch axes differ: lora_a {a_shape}, lora_b {b_shape}"
-        )
-    r_a = _rank_of(a_shape[nb:], dims.a_rank_axis)
-    r_b = _rank_of(b_shape[nb:], dims.b_rank_axis)
-    if r_a is None or r_b is None or r_a != r_b:
-        raise ValueError(
-            f"pair {name}: mismatched ranks: lora_a {a_shape} has rank {r_a} "
-            f"(axis {dims.a_rank_axis} after {nb} batch axes) but lora_b {b_shape} has rank "
-            f"{r_b} (axis {dims.b_rank_axis})"
-        )
-    return dims._replace(num_batch_axes=nb)
+    return _layouts.resolve(where, a_shape, b_shape, dims, naming)
 
 
 def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
@@ -287,6 +249,21 @@ class _Resolved(NamedTuple):
     unpaired: list[str]  # key paths (jax.tree_util.keystr) of leaves in no pair
 
 
+def _check_not_a_factor(path: Path, keystr: str, leaf: Any) -> None:
+    key = looks_like_factor(path)
+    if key is None:
+        return
+    shape, _ = _shape_dtype(leaf)
+    raise ValueError(
+        f"{keystr} (shape {shape}) looks like a LoRA factor ({key!r}) but no pair rule pairs "
+        "it, so it would silently train with the fallback optimizer. The default rule pairs "
+        "sibling lora_a/lora_b, <name>_lora_a/_lora_b, lora: {a, b}, and lora_A/lora_B, "
+        "lora_embedding_A/_B, lora_down/lora_up (each optionally followed by '.<adapter>' and "
+        "'.weight'). Pass pair_rule=f(path) -> (group, 'a' | 'b'[, LoRADimensionNumbers(...)]) "
+        "that pairs it, or rename the leaf if it is not a factor."
+    )
+
+
 def resolve_pairs(
     tree: Any,
     pair_rule: PairRule = default_pair_rule,
@@ -295,6 +272,7 @@ def resolve_pairs(
     """Pairs and unpaired leaves of ``tree``; raises on lone or malformed factors."""
     leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
     groups: dict[Hashable, dict[str, tuple[int, str]]] = {}
+    namings: dict[Hashable, LoRADimensionNumbers | None] = {}
     paths: list[Path] = []
     unpaired = []
     for index, (path, _) in enumerate(leaves_with_path):
@@ -302,9 +280,15 @@ def resolve_pairs(
         match = pair_rule(paths[-1])
         keystr = jax.tree_util.keystr(tuple(path))
         if match is None:
+            _check_not_a_factor(paths[-1], keystr, leaves_with_path[index][1])
             unpaired.append(keystr)
             continue
-        group, role = match
+        if not isinstance(match, tuple) or len(match) not in (2, 3):
+            raise TypeError(
+                f"pair rule returned {match!r} for {keystr}; expected (group, role), "
+                "(group, role, LoRADimensionNumbers | None) or None"
+            )
+        group, role = match[0], match[1]
         if role not in ("a", "b"):
             raise ValueError(f"pair rule returned role {role!r} for {keystr}; expected 'a' or 'b'")
         slot = groups.setdefault(group, {})
@@ -314,6 +298,9 @@ def resolve_pairs(
                 f"{slot[role][1]} and {keystr}"
             )
         slot[role] = (index, keystr)
+        naming = match[2] if len(match) == 3 else None  # type: ignore[misc]
+        if naming is not None or group not in namings:
+            namings[group] = naming
     pairs = []
     for group, slot in groups.items():
         text = _group_name(group)
@@ -336,7 +323,8 @@ def resolve_pairs(
                     f"LoRA factor {keystr} has dtype {dtype} (shape {shape}); LoRA factors "
                     "must be real floating point arrays"
                 )
-        dims = _resolve_dims(name, a_shape, b_shape, dimension_numbers)
+        where = f"pair {text} (lora_a at {ka}, lora_b at {kb})"
+        dims = _resolve_dims(name, where, a_shape, b_shape, dimension_numbers, namings[group])
         pairs.append(LoRAPair(name, ia, ib, a_shape, b_shape, dims))
     return _Resolved(pairs, unpaired)
 

@@ -61,7 +61,8 @@ def test_rule_on_paths() -> None:
         ((3, 8, 4), (4, 8), 0),  # qwix conv kernel (k, in, r), (r, out)
         ((5, 8, 4), (5, 4, 6), 1),  # scanned layers
         ((2, 5, 8, 4), (2, 5, 4, 6), 2),  # two stacking axes
-        ((4, 8, 4), (4, 4, 6), 1),  # layers == rank: stacked reading preferred
+        ((4, 8, 2), (4, 2, 6), 1),  # unbatched, lora_b's rank axis would hold 4 != 2
+        ((3, 4, 2), (3, 2, 4), 1),  # m == n == layers + 1: still only the stacked reading
     ],
 )
 def test_batch_axes_inferred(
@@ -94,7 +95,14 @@ def test_dimension_numbers_callable_per_pair() -> None:
 
     (pair,) = find_lora_pairs(tree, dimension_numbers=dims)
     assert pair.dims.num_batch_axes == 0
-    (pair,) = find_lora_pairs(tree)
+    # Shapes alone admit both readings (4 layers of 4x4, or one 16x4 pair): no guess.
+    with pytest.raises(ValueError, match="more than one reading"):
+        find_lora_pairs(tree)
+    # A callable returning None leaves the pair to inference (and its naming).
+    (pair,) = find_lora_pairs(
+        {"x": {"lora_a": _z(4, 8, 2), "lora_b": _z(4, 2, 6)}},
+        dimension_numbers=lambda name, a, b: None,
+    )
     assert pair.dims.num_batch_axes == 1
 
 
