@@ -11,8 +11,9 @@ What a user would do, end to end, on data every machine has offline:
    (``--data``), with three optimizers on the factors — ``lora_muon``, AdamW, and LoRA+
    (AdamW, B's learning rate ×16) — each over a learning-rate grid that must bracket
    its optimum (an optimum at the grid's edge extends the grid by one point, up to
-   3 times), for every rank in ``--ranks`` (ranks after the first start from a grid
-   centred on the first rank's optimum). All runs of a seed see the same batches;
+   3 times), refined to quarter decades, for the first rank in ``--ranks``; later ranks
+   start from a half-decade grid centred on the first rank's optimum, extended by the
+   same rule (refined too with ``--refine-all``). All runs of a seed see the same batches;
    the peak learning rate follows linear warmup (5 %) and cosine decay to 10 %.
 3. **Select** each optimizer's learning rate on the *validation* half of the held-out
    Shakespeare (seed 0), then run ``--seeds`` seeds at it and report the *test* half:
@@ -313,6 +314,7 @@ def fingerprint(base: pathlib.Path) -> str:
 class Study:
     def __init__(self, out: pathlib.Path, base: pathlib.Path, data: Data, scale: Scale):
         self.out, self.base, self.data, self.scale = out, base, data, scale
+        self.refine_all = False
         self.base_id = fingerprint(base)
         self.scale_id = json.loads(json.dumps(dataclasses.asdict(scale)))  # as stored
         (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -341,8 +343,9 @@ class Study:
     ) -> tuple[float, list[dict[str, Any]]]:
         """Seed 0: the grid, extended while the optimum is at its edge, then refined.
 
-        ``centre``: another rank's optimum; the half-decade grid is then centred on it
-        (the same extension and refinement rules keep the result bracketed).
+        ``centre``: another rank's optimum; the half-decade grid is then centred on it,
+        extended by the same rule, and refined only with ``--refine-all`` (the optimum
+        is then bracketed at half-decade resolution).
         """
         grid = list(GRIDS[name])
         if centre is not None:
@@ -354,9 +357,10 @@ class Study:
             if 0 < best < len(grid) - 1 or len(grid) >= len(GRIDS[name]) + 3:
                 break
             grid = [grid[0] - 2, *grid] if best == 0 else [*grid, grid[-1] + 2]
-        grid = sorted({*grid, grid[best] - 1, grid[best] + 1})
-        records = [self.get(name, rank, lr_of(e), 0) for e in grid]
-        best = int(np.argmin([final(r, 1) for r in records]))
+        if centre is None or self.refine_all:
+            grid = sorted({*grid, grid[best] - 1, grid[best] + 1})
+            records = [self.get(name, rank, lr_of(e), 0) for e in grid]
+            best = int(np.argmin([final(r, 1) for r in records]))
         return lr_of(grid[best]), records
 
 
@@ -569,6 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--timing-rounds", type=int, default=20)
+    p.add_argument(
+        "--refine-all",
+        action="store_true",
+        help="refine every rank's LR to quarter decades (default: the first rank's only)",
+    )
     args = p.parse_args(argv)
 
     mode = "tiny" if args.tiny else "quick" if args.quick else "default"
@@ -614,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"base ({base}): old-domain loss {base_old:.4f}, new-domain test {base_test:.4f}")
 
     study = Study(out, base, data, scale)
+    study.refine_all = args.refine_all
     results: dict[int, dict[str, Any]] = {}
     for rank in scale.ranks:
         res: dict[str, Any] = {"lr": {}, "grid": {}, "seeds": {}}
