@@ -183,3 +183,43 @@ def test_custom_pair_rule() -> None:
     assert lora_param_labels(tree, pair_rule=rule)["other"] == "fallback"
     with pytest.raises(ValueError, match="two leaves claim role 'a'"):
         find_lora_pairs(tree, pair_rule=lambda p: ("g", "a"))
+
+
+def test_rule_may_return_the_layout_its_naming_implies() -> None:
+    # A custom naming whose factors are torch-oriented: the rule says so, no spec needed.
+    tree = {"w_down": _z(3, 10), "w_up": _z(8, 3)}
+
+    def rule(path: tuple[str, ...]):
+        role = {"w_down": "a", "w_up": "b"}.get(path[-1])
+        return (
+            None
+            if role is None
+            else ("w", role, LoRADimensionNumbers(a_rank_axis=0, b_rank_axis=1))
+        )
+
+    (pair,) = find_lora_pairs(tree, pair_rule=rule)
+    assert (pair.rank, pair.dims.a_rank_axis, pair.dims.b_rank_axis) == (3, 0, 1)
+    # An explicit spec's set fields win over the naming; its None fields keep the naming's.
+    (pair,) = find_lora_pairs(
+        tree, pair_rule=rule, dimension_numbers=LoRADimensionNumbers(num_batch_axes=0)
+    )
+    assert pair.dims.a_rank_axis == 0
+    with pytest.raises(TypeError, match=r"expected \(group, role\)"):
+        find_lora_pairs(tree, pair_rule=lambda p: "w")  # type: ignore[arg-type,return-value]
+
+
+def test_resolved_dims_are_complete_and_backward_compatible() -> None:
+    (pair,) = find_lora_pairs({"lora_a": _z(5, 8, 4), "lora_b": _z(5, 4, 6)})
+    assert pair.dims == LoRADimensionNumbers(1, -1, 0, (0,), (0,))
+    assert (pair.batch_shape, pair.leading_batch_axes, pair.rank) == ((5,), True, 4)
+    # the old positional spelling still means leading batch axes
+    (same,) = find_lora_pairs(
+        {"lora_a": _z(5, 8, 4), "lora_b": _z(5, 4, 6)},
+        dimension_numbers=LoRADimensionNumbers(1, -1, 0),
+    )
+    assert same.dims == pair.dims
+    with pytest.raises(ValueError, match=r"num_batch_axes=2 disagrees with a_batch_axes=\(0,\)"):
+        find_lora_pairs(
+            {"lora_a": _z(5, 8, 4), "lora_b": _z(5, 4, 6)},
+            dimension_numbers=LoRADimensionNumbers(2, a_batch_axes=(0,), b_batch_axes=(0,)),
+        )
