@@ -340,16 +340,21 @@ def find_lora_pairs(
     Args:
       tree: parameters, gradients, an ``nnx.State`` or a tree of
         ``jax.ShapeDtypeStruct``.
-      pair_rule: maps a leaf's key path (strings) to ``(group, "a" | "b")`` or
-        ``None``; default ``default_pair_rule``.
-      dimension_numbers: ``None`` (infer), one ``LoRADimensionNumbers`` for all
-        pairs, or ``f(pair_name, a_shape, b_shape) -> LoRADimensionNumbers | None``.
+      pair_rule: maps a leaf's key path (strings) to ``(group, "a" | "b")``,
+        ``(group, role, LoRADimensionNumbers)`` (the layout its naming implies)
+        or ``None``; default ``default_pair_rule``.
+      dimension_numbers: ``None`` (the naming's layout, batch axes inferred),
+        one ``LoRADimensionNumbers`` for all pairs, or ``f(pair_name, a_shape,
+        b_shape) -> LoRADimensionNumbers | None``; its ``None`` fields stay free.
 
     Returns:
       One ``LoRAPair`` per pair, in tree order of their groups.
 
     Raises:
-      ValueError: a factor without its sibling, mismatched ranks or batch axes.
+      ValueError: a factor without its sibling, mismatched ranks or batch axes,
+        shapes that admit more than one reading, a rank larger than
+        ``min(m, n)``, or a leaf named like a factor that no rule pairs; each
+        message names the paths, the shapes, the readings and the spec.
       TypeError: a non-floating factor.
     """
     return resolve_pairs(tree, pair_rule, dimension_numbers).pairs
