@@ -22,12 +22,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _pairs, _polar
+from lora_muon_jax import _checks, _fallback, _pairs, _polar
 from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
 
 F32 = jnp.float32
-# Under a schedule λη cannot be checked when the optimizer is built; at run time
-# it is clipped to this so s = √(1 − λη) stays positive (static values must be < 1).
+
+# The fallback half of the family's optimizers lives in _fallback.
+fallback_partition = _fallback.fallback_partition
+pair_labels = _fallback.pair_labels
+with_standard_promotion = _fallback.with_standard_promotion
+# λη < 1 is checked when the optimizer is built (static numbers) or at run time
+# (a traced λη ≥ 1 gives a zero step); a valid λη is clipped to this so float32
+# rounding cannot make s = √(1 − λη) zero: s ≥ 1e-3.
 MAX_DECAY_FRACTION = 1.0 - 1e-6
 
 
@@ -56,6 +62,17 @@ def ema_momenta(
     return out
 
 
+def check_decay_fraction(where: str, learning_rate: Any, weight_decay: Any) -> None:
+    """``ValueError`` unless λη < 1 when both are static numbers (split rule: s = √(1 − λη))."""
+    lr, wd = _checks.static_number(learning_rate), _checks.static_number(weight_decay)
+    if lr is not None and wd is not None and not lr * wd < 1.0:
+        raise ValueError(
+            f"{where}: the split weight decay needs weight_decay * learning_rate < 1 "
+            f"(s = sqrt(1 - λη)), got weight_decay={_checks.shown(weight_decay)} * "
+            f"learning_rate={_checks.shown(learning_rate)} = {lr * wd!r}"
+        )
+
+
 def no_params_error(what: str) -> ValueError:
     return ValueError(
         f"{what} needs the current parameters (the factors define the step) but `params` is "
@@ -70,9 +87,14 @@ def resolve_all_pairs(
     where: str,
     full_optimizer: str = "the full optimizer",
 ) -> list[LoRAPair]:
-    """The tree's LoRA pairs; every leaf must belong to one (else a ValueError naming them)."""
+    """The tree's LoRA pairs; every leaf must belong to one (else a ValueError naming them).
+
+    A pair with a zero-size axis (rank 0, m = 0 or n = 0) raises a ValueError
+    naming both factors' paths and shapes.
+    """
     rule = rule if rule is not None else _pairs.default_pair_rule
     resolved = _pairs.resolve_pairs(tree, rule, dimension_numbers)
+    _checks.check_pair_sizes(where, tree, resolved.pairs)
     if resolved.unpaired:
         shown = ", ".join(resolved.unpaired[:5])
         more = f" (and {len(resolved.unpaired) - 5} more)" if len(resolved.unpaired) > 5 else ""
@@ -82,76 +104,6 @@ def resolve_all_pairs(
             "optax.partition(..., lora_param_labels(params))."
         )
     return resolved.pairs
-
-
-def with_standard_promotion(
-    tx: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-    """Trace ``tx`` under standard dtype promotion; updates keep the gradients' dtypes.
-
-    optax's own transforms (e.g. ``adamw``'s bias correction ``b1 ** count``
-    with an int32 count) are not written for ``jax_numpy_dtype_promotion=
-    "strict"``; this keeps the optimizers usable when a user enables it.
-    """
-    tx = optax.with_extra_args_support(tx)
-
-    def init_fn(params: optax.Params) -> Any:
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.init(params)
-
-    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
-        with jax.numpy_dtype_promotion("standard"):
-            new_updates, new_state = tx.update(updates, state, params, **extra_args)
-        # e.g. adamw with mu_dtype=float32 returns float32 updates for bf16 grads.
-        new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def pair_labels(
-    pair_rule: PairRule | None, dimension_numbers: DimensionNumbersArg, label: str = "lora"
-) -> Callable[[optax.Params], Any]:
-    """``params -> labels``: ``label`` for factors of a pair, ``"fallback"`` otherwise."""
-    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
-
-    def labels(params: optax.Params) -> Any:
-        return _pairs.lora_param_labels(
-            params, pair_rule=rule, dimension_numbers=dimension_numbers, lora_label=label
-        )
-
-    return labels
-
-
-def fallback_partition(
-    main_tx: optax.GradientTransformation,
-    labels: Callable[[optax.Params], Any],
-    *,
-    label: str = "lora",
-    learning_rate: optax.ScalarOrSchedule,
-    fallback: optax.GradientTransformation | None,
-    fallback_learning_rate: optax.ScalarOrSchedule | None,
-    fallback_weight_decay: float | jax.Array,
-    mu_dtype: Any,
-) -> optax.GradientTransformationExtraArgs:
-    """``optax.partition`` of ``main_tx`` (leaves labelled ``label``) and a fallback.
-
-    The fallback defaults to ``optax.adamw(fallback_learning_rate or learning_rate,
-    weight_decay=fallback_weight_decay)``, as ``optax.contrib.muon`` does.
-    """
-    if fallback is not None and fallback_learning_rate is not None:
-        raise ValueError("pass either `fallback` or `fallback_learning_rate`, not both")
-    if fallback is None:
-        fallback = optax.adamw(
-            learning_rate if fallback_learning_rate is None else fallback_learning_rate,
-            weight_decay=fallback_weight_decay,
-            mu_dtype=mu_dtype,
-        )
-    branches: dict[Any, optax.GradientTransformation] = {
-        label: optax.with_extra_args_support(main_tx),
-        "fallback": with_standard_promotion(fallback),
-    }
-    return optax.partition(branches, labels)
 
 
 # ---------------------------------------------------------------- the skeleton
@@ -187,6 +139,8 @@ def scale_by_pair_direction(
     mu_dtype: Any = None,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
+    allow_no_pairs: bool = True,
+    check_pairs: Callable[[list[LoRAPair]], None] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EMA momenta of every factor, then ``direction`` per pair (no learning rate).
 
@@ -197,13 +151,24 @@ def scale_by_pair_direction(
     Nesterov feeds the
     direction ``β M + (1 − β) G``; the state keeps M. Every leaf must belong to a
     pair (``resolve_all_pairs``; the error points to ``full_optimizer``);
-    ``update`` needs ``params``.
+    ``update`` needs ``params`` and checks that the gradients have their shapes.
+
+    ``init`` raises on a tree with leaves but no pair unless ``allow_no_pairs``,
+    then calls ``check_pairs(pairs)`` (an optimizer's own checks). A static
+    ``momentum`` (a Python or NumPy number) must be finite and in [0, 1); a
+    traced one (an array, ``inject_hyperparams``) outside that range makes the
+    step a no-op: zero directions, momenta and ``extra`` unchanged.
     """
+    static_momentum = _checks.check_static(name, "momentum", momentum, "momentum")
 
     def init_fn(params: optax.Params) -> Any:
         pairs = resolve_all_pairs(
             params, pair_rule, dimension_numbers, f"{name}.init", full_optimizer
         )
+        if not pairs and not allow_no_pairs and _checks.should_have_pairs(params):
+            raise _checks.no_pairs_error(f"{name}.init", params, "allow_no_pairs=True")
+        if check_pairs is not None:
+            check_pairs(pairs)
         return state_type(
             jnp.zeros([], jnp.int32),
             optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -218,14 +183,15 @@ def scale_by_pair_direction(
     ) -> tuple[optax.Updates, Any]:
         del extra_args
         st: Any = state
-        pairs = resolve_all_pairs(
-            updates, pair_rule, dimension_numbers, f"{name}.update", full_optimizer
-        )
         grads, treedef = jax.tree_util.tree_flatten(updates)
         if not grads:
             return updates, st._replace(count=increment(st.count))
         if params is None:
             raise no_params_error(name)
+        _checks.check_grads_match_params(f"{name}.update", updates, params)
+        pairs = resolve_all_pairs(
+            updates, pair_rule, dimension_numbers, f"{name}.update", full_optimizer
+        )
         factors = treedef.flatten_up_to(params)
         mus = treedef.flatten_up_to(st.mu)
         with jax.named_scope(f"{name}/momentum"):
@@ -237,6 +203,11 @@ def scale_by_pair_direction(
         if cast_to_grads:
             out = [u.astype(g.dtype) for u, g in zip(out, grads, strict=True)]
         new_mu_cast = [m.astype(old.dtype) for m, old in zip(new_mu, mus, strict=True)]
+        if static_momentum is None:  # traced: an invalid β is a no-op step
+            ok = _checks.valid(jnp.asarray(momentum, F32), "momentum")
+            out = [jnp.where(ok, u, jnp.zeros_like(u)) for u in out]
+            new_mu_cast = [jnp.where(ok, m, old) for m, old in zip(new_mu_cast, mus, strict=True)]
+            extra = jax.tree.map(lambda new, old: jnp.where(ok, new, old), extra, tuple(st[2:]))
         return jax.tree_util.tree_unflatten(treedef, out), state_type(
             increment(st.count), jax.tree_util.tree_unflatten(treedef, new_mu_cast), *extra
         )
@@ -268,9 +239,23 @@ def scale_by_scaled_step(
 
     η scales the direction in float32 (float64 for float64 leaves) before the
     cast to the parameters' dtype. State: ``state_type(count)``.
+
+    Static η and λ (Python or NumPy numbers) must be finite and ≥ 0, and for
+    the split rule λη < 1: else a ``ValueError`` here. Traced ones (schedules,
+    arrays, ``inject_hyperparams``) are checked at every step: a step whose η
+    or λ is negative or not finite, or (split rule) whose λη ≥ 1, is a zero
+    update (the factors are neither decayed nor amplified). A valid λη is
+    clipped to ``MAX_DECAY_FRACTION`` so that s ≥ 1e-3 after float32 rounding.
     """
     if rule not in DECAY_RULES:
         raise ValueError(f"rule must be one of {sorted(DECAY_RULES)}, got {rule!r}")
+    static_lr = None
+    if not callable(learning_rate):
+        static_lr = _checks.check_static(name, "learning_rate", learning_rate, "nonnegative")
+    static_wd = _checks.check_static(name, "weight_decay", weight_decay, "nonnegative")
+    if rule == "split" and static_lr is not None and static_wd is not None:
+        check_decay_fraction(name, learning_rate, weight_decay)
+    traced = static_lr is None or static_wd is None
 
     def init_fn(params: optax.Params) -> Any:
         del params
@@ -289,12 +274,20 @@ def scale_by_scaled_step(
         if params is None:
             raise no_params_error(name)
         lr = learning_rate_at(learning_rate, count)
+        wd = jnp.asarray(weight_decay, F32)
         if rule == "split":
-            decay_fraction = jnp.clip(jnp.asarray(weight_decay, F32) * lr, 0.0, MAX_DECAY_FRACTION)
+            decay_fraction = jnp.clip(wd * lr, 0.0, MAX_DECAY_FRACTION)
             s = jnp.sqrt(1.0 - decay_fraction)
             step_coeff, decay_coeff = -lr / s, -decay_fraction / (1.0 + s)
         else:
-            step_coeff, decay_coeff = -lr, -jnp.asarray(weight_decay, F32) * lr
+            step_coeff, decay_coeff = -lr, -wd * lr
+        if traced:  # an invalid η, λ or λη: a zero step (never a blown-up one)
+            ok = _checks.valid(lr, "nonnegative") & _checks.valid(wd, "nonnegative")
+            if rule == "split":
+                ok = ok & _checks.valid(wd * lr, "decay_fraction")
+            zero = jnp.zeros([], F32)
+            step_coeff = jnp.where(ok, step_coeff, zero)
+            decay_coeff = jnp.where(ok, decay_coeff, zero)
 
         def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
             dt = _polar.compute_dtype(d.dtype, p.dtype)

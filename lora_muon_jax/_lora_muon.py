@@ -21,7 +21,6 @@ Reference: Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest
 Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 """
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _base, _deprecation, _direction, _pairs, _rebalance, _stacking
+from lora_muon_jax import _base, _checks, _deprecation, _direction, _pairs, _rebalance, _stacking
 from lora_muon_jax._direction import FactorPair, Method
 from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
 
@@ -49,9 +48,37 @@ class ScaleBySplitWeightDecayState(NamedTuple):
     count: jax.Array  # int32[], step index for the learning-rate schedule
 
 
-def _pair_scale(lora_scale: LoRAScale, pair: LoRAPair) -> jax.Array:
+def _half_step(lora_scale: LoRAScale, pair: LoRAPair) -> jax.Array:
+    """``1 / (2α)`` for ``pair`` as float32.
+
+    A static α was checked when the optimizer was built (a number) or at
+    ``init`` (a callable's number); a traced α that is not finite and > 0
+    gives 0, i.e. a zero direction for that pair (never an infinite one).
+    """
     value = lora_scale(pair.name) if callable(lora_scale) else lora_scale
-    return jnp.asarray(value, jnp.float32)
+    alpha = jnp.asarray(value, jnp.float32)
+    if _checks.static_number(value) is not None:
+        return 0.5 / alpha
+    ok = _checks.valid(alpha, "positive")
+    return jnp.where(ok, 0.5 / jnp.where(ok, alpha, 1.0), 0.0)
+
+
+def _pair_scale_checker(lora_scale: LoRAScale, where: str) -> Callable[[list[LoRAPair]], None]:
+    """At ``init``: a callable ``lora_scale`` must give every pair a finite number > 0."""
+
+    def check(pairs: list[LoRAPair]) -> None:
+        if not callable(lora_scale):
+            return
+        for p in pairs:
+            value = lora_scale(p.name)
+            if isinstance(value, jax.Array):
+                continue  # traced: checked at run time (_half_step)
+            at = f"{where}: pair {p.name} (lora_a {'/'.join(p.a_path)})"
+            if _checks.static_number(value) is None:
+                raise TypeError(f"{at}: lora_scale must return a number, got {value!r}")
+            _checks.check_static(at, "lora_scale", value, "positive")
+
+    return check
 
 
 def _stack_key(v: FactorPair) -> tuple[Any, ...]:
@@ -101,7 +128,7 @@ def _lora_muon_pair_directions(method: Method, lora_scale: LoRAScale) -> _base.P
         for p, (u_a, u_b) in zip(
             pairs, _stacked_directions([view(p) for p in pairs], method), strict=True
         ):
-            half = 0.5 / _pair_scale(lora_scale, p)
+            half = _half_step(lora_scale, p)
             for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
                 # The unit direction stays in the compute dtype (float32 for
                 # half-precision factors): it can exceed float16's range where
@@ -121,6 +148,7 @@ def scale_by_lora_muon(
     lora_scale: LoRAScale = 1.0,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum plus the LoRA-Muon direction, per factor pair (no learning rate).
 
@@ -134,10 +162,14 @@ def scale_by_lora_muon(
     the direction does not depend on the scale of M.
 
     Every leaf must belong to a LoRA pair (use ``lora_muon``, or
-    ``optax.partition`` with ``lora_param_labels``, for mixed trees).
+    ``optax.partition`` with ``lora_param_labels``, for mixed trees), and
+    ``init`` on a tree without any pair raises unless ``allow_no_pairs``.
 
     Args:
-      momentum: EMA rate β of the factor momenta.
+      momentum: EMA rate β of the factor momenta, in [0, 1). A Python or
+        NumPy number outside it (or NaN) raises here; a traced one (a jax
+        array, ``optax.inject_hyperparams``) outside it makes that step a
+        no-op: zero update, momenta unchanged.
       nesterov: use Nesterov momentum (off in the paper).
       method: ``"gram"`` (default; fast Gram form) or ``"paper"`` (Algorithm 1
         literally); see ``lora_muon_jax.METHODS``.
@@ -145,24 +177,34 @@ def scale_by_lora_muon(
         runs in float32 whatever this is.
       lora_scale: α in ``W = W_pre + α A Bᵀ`` (qwix: alpha/rank), a number or
         ``f(pair_name) -> float``; the step is divided by it so η stays a
-        radius on W.
+        radius on W. It must be finite and > 0: a number is checked here, a
+        callable's value for every pair at ``init`` (the error names the
+        pair); a traced α that is not gives that pair a zero step. Under
+        ``optax.inject_hyperparams`` a callable must be named in
+        ``static_args=("lora_scale",)`` (inject_hyperparams calls every other
+        callable as a schedule, with the step count).
       pair_rule: ``f(path: tuple[str, ...]) -> (group, "a" | "b") | None``;
         ``None`` means ``default_pair_rule``. Under ``optax.inject_hyperparams``
         name callables in ``static_args``.
       dimension_numbers: ``None`` (infer), a ``LoRADimensionNumbers`` or
         ``f(pair_name, a_shape, b_shape)``; see ``find_lora_pairs``.
+      allow_no_pairs: accept a tree in which no LoRA pair is found (else
+        ``init`` raises a ``ValueError`` listing its leaves).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
-      ``params``. Its updates are in float32 (float64 for float64 factors),
-      whatever the factors' dtype: a unit direction can overflow float16
-      where ``η·D`` does not. ``scale_by_split_weight_decay`` (or
-      ``optax.apply_updates``) casts back after scaling.
+      ``params`` (and gradients of the params' shapes). Its updates are in
+      float32 (float64 for float64 factors), whatever the factors' dtype: a
+      unit direction can overflow float16 where ``η·D`` does not.
+      ``scale_by_split_weight_decay`` (or ``optax.apply_updates``) casts back
+      after scaling.
     """
     _direction.check_method(method)
+    name = "scale_by_lora_muon"
+    _checks.check_static(name, "lora_scale", lora_scale, "positive")
     return _base.scale_by_pair_direction(
         _lora_muon_pair_directions(method, lora_scale),
-        name="scale_by_lora_muon",
+        name=name,
         full_optimizer="lora_muon(...)",
         state_type=ScaleByLoRAMuonState,
         momentum=momentum,
@@ -170,6 +212,8 @@ def scale_by_lora_muon(
         mu_dtype=mu_dtype,
         pair_rule=pair_rule,
         dimension_numbers=dimension_numbers,
+        allow_no_pairs=allow_no_pairs,
+        check_pairs=_pair_scale_checker(lora_scale, f"{name}.init"),
     )
 
 
@@ -184,10 +228,17 @@ def scale_by_split_weight_decay(
     term is written as ``λη/(1+s)`` (equal to ``1 − s``) so it keeps its digits
     when λη is tiny. Then ``A'B'ᵀ = (1 − λη) ABᵀ + ΔA Bᵀ + A ΔBᵀ + ΔA ΔBᵀ/s²``.
 
+    Python or NumPy numbers are checked here: η ≥ 0, λ ≥ 0, both finite and
+    λη < 1 (a ``ValueError`` showing the values). Traced values (a schedule's
+    η, jax arrays, ``optax.inject_hyperparams``) are checked at every step:
+    a step with a negative or non-finite η or λ, or with λη ≥ 1, is a **zero
+    update** — the factors are neither decayed nor moved, and ‖A Bᵀ‖ is
+    unchanged (never the ~1/s-amplified step that λη → 1 would give). A valid
+    λη is clipped to ``1 − 1e-6`` so float32 rounding keeps s ≥ 1e-3.
+
     Args:
-      learning_rate: η, a float or an optax schedule.
-      weight_decay: λ; λη must be < 1 (checked when both are numbers; under a
-        schedule λη is clipped to 1 − 1e-6).
+      learning_rate: η ≥ 0, a float or an optax schedule.
+      weight_decay: λ ≥ 0 with λη < 1.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -199,10 +250,6 @@ def scale_by_split_weight_decay(
         state_type=ScaleBySplitWeightDecayState,
         name="scale_by_split_weight_decay",
     )
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def lora_muon(
@@ -220,6 +267,7 @@ def lora_muon(
     fallback_learning_rate: optax.ScalarOrSchedule | None = None,
     fallback_weight_decay: float | jax.Array = 0.0,
     rebalance: bool = False,
+    allow_no_pairs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-Muon (Cesista et al., 2026): the paper's Algorithm 1 as an optax optimizer.
 
@@ -230,7 +278,22 @@ def lora_muon(
         A ← s A + ΔA / s,   B ← s B + ΔB / s,   R_X = (XᵀX)^{-1/2},   s = √(1 − λη).
 
     Every other leaf goes to ``fallback`` (default: ``optax.adamw`` with
-    ``fallback_learning_rate`` and ``fallback_weight_decay``).
+    ``fallback_learning_rate`` and ``fallback_weight_decay``, run in float32
+    for 16-bit leaves so its second moment cannot overflow). ``init`` warns
+    once (``UserWarning``: how many leaves, which, at which learning rate)
+    when leaves reach that default without a ``fallback_learning_rate``, and
+    raises a ``ValueError`` when the tree has no LoRA pair at all (unless
+    ``allow_no_pairs``).
+
+    Checks: Python and NumPy hyperparameters are validated here (a
+    ``ValueError`` naming the argument and showing the value): η ≥ 0, λ ≥ 0,
+    λη < 1, β in [0, 1), α > 0, all finite. Traced ones (schedules, arrays,
+    ``optax.inject_hyperparams``) cannot raise inside ``jit``; a step with an
+    invalid one is a zero update of the factors (see
+    ``scale_by_split_weight_decay`` and ``scale_by_lora_muon``), never a
+    non-finite or amplified one. Gradients must have the parameters' shapes
+    and every pair rank ≥ 1 and non-empty axes (a ``ValueError`` naming the
+    path and the shapes).
 
     Hyperparameters:
       * ``learning_rate`` η is the **spectral-norm radius of the step on W**:
@@ -246,16 +309,21 @@ def lora_muon(
         so η stays a radius on W. Leave at 1 for ``nnx.LoRA``.
 
     Args:
-      learning_rate: η, a float or an optax schedule.
-      momentum: EMA rate β.
+      learning_rate: η ≥ 0, a float or an optax schedule.
+      momentum: EMA rate β in [0, 1).
       nesterov: Nesterov momentum.
-      weight_decay: λ, applied with the split rule; λη < 1.
+      weight_decay: λ ≥ 0, applied with the split rule; λη < 1.
       method: ``"gram"`` (default: the Gram form where an r×r bound says it
         is exact, a robust matmul-only form elsewhere; each half ≤ η/2·(1 + 1e-3)
         always, docs/numerics.md) or ``"paper"`` (Algorithm 1 with the paper's
         Tables 1–2); see ``lora_muon_jax.METHODS``.
       mu_dtype: momentum dtype (default: the parameters' dtype); math is float32.
-      lora_scale: α, a number or ``f(pair_name) -> float``.
+      lora_scale: α > 0, a number or ``f(pair_name) -> float`` (e.g.
+        ``lora_muon_jax.flax.nnx.lora_scale_fn(model)``). Under
+        ``optax.inject_hyperparams`` pass ``static_args=("lora_scale",)`` for
+        a callable: inject_hyperparams calls callables as schedules (with the
+        step count), and ``lora_scale_fn``'s map then raises a ``TypeError``
+        saying so.
       pair_rule: how factors are paired (default ``default_pair_rule``).
       dimension_numbers: axis layout of pairs (default: inferred).
       fallback: the transformation for non-LoRA leaves (overrides the two
@@ -268,6 +336,9 @@ def lora_muon(
         ``‖c A‖₂ = ‖B / c‖₂`` and its momenta to ``(M_A / c, c M_B)`` (the
         paper's Algorithm 2). W, the step and the trajectory of W are
         unchanged (gauge invariance); off by default.
+      allow_no_pairs: accept a tree with no LoRA pair (every leaf then goes
+        to the fallback); by default ``init`` raises, since that is almost
+        always a naming or ``wrt=`` mistake.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -294,14 +365,13 @@ def lora_muon(
       ``(1 − λη)²``).
     """
     _direction.check_method(method)
-    if _is_number(weight_decay) and weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay=}")
-    if _is_number(learning_rate) and _is_number(weight_decay):
-        if float(learning_rate) * float(weight_decay) >= 1.0:  # type: ignore[arg-type]
-            raise ValueError(
-                "the split weight decay needs weight_decay * learning_rate < 1 "
-                f"(s = sqrt(1 - λη)), got {weight_decay=} * {learning_rate=}"
-            )
+    name = "lora_muon"
+    if not callable(learning_rate):
+        _checks.check_static(name, "learning_rate", learning_rate, "nonnegative")
+    _checks.check_static(name, "momentum", momentum, "momentum")
+    _checks.check_static(name, "weight_decay", weight_decay, "nonnegative")
+    _base.check_decay_fraction(name, learning_rate, weight_decay)
+    _checks.check_static(name, "lora_scale", lora_scale, "positive")
     factor_tx = optax.chain(
         scale_by_lora_muon(
             momentum,
@@ -311,6 +381,7 @@ def lora_muon(
             lora_scale=lora_scale,
             pair_rule=pair_rule,
             dimension_numbers=dimension_numbers,
+            allow_no_pairs=True,  # checked on the whole tree by fallback_partition
         ),
         scale_by_split_weight_decay(learning_rate, weight_decay),
     )
@@ -326,6 +397,9 @@ def lora_muon(
         fallback_learning_rate=fallback_learning_rate,
         fallback_weight_decay=fallback_weight_decay,
         mu_dtype=mu_dtype,
+        name=name,
+        allow_no_pairs=allow_no_pairs,
+        report_default_fallback=True,
     )
 
 

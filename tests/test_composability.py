@@ -131,7 +131,7 @@ def test_pairs_in_the_test_tree() -> None:
 
 
 def test_no_recompile_on_second_update() -> None:
-    opt = lora_muon(0.05)
+    opt = lora_muon(0.05, fallback_learning_rate=0.05)
     traces = []
 
     @jax.jit
@@ -152,7 +152,7 @@ def test_no_recompile_on_second_update() -> None:
 
 
 def test_map_params_maps_every_momentum() -> None:
-    opt = lora_muon(0.05)
+    opt = lora_muon(0.05, fallback_learning_rate=0.05)
     _, state = run(opt, make_params(), 2)
     mapped = optax.tree.map_params(opt, lambda v: jnp.full_like(v, 7.0), state)
     mus = leaves_named(mapped, "mu") + leaves_named(mapped, "nu")
@@ -196,18 +196,20 @@ def test_injected_learning_rate_can_be_changed() -> None:
     """Changing the injected η in the state == building the optimizer with that η."""
     params = make_params()
     opt_inject = optax.inject_hyperparams(lora_muon)(learning_rate=0.05, weight_decay=0.1)
-    state = opt_inject.init(params)
+    with pytest.warns(UserWarning, match="AdamW fallback"):  # ... and so does the bias
+        state = opt_inject.init(params)
     state.hyperparams["learning_rate"] = jnp.asarray(0.02, jnp.float32)
     updates, _ = jax.jit(opt_inject.update)(grad_fn(params), state, params)
-    expected, _ = jax.jit(lora_muon(0.02, weight_decay=0.1).update)(
-        grad_fn(params), lora_muon(0.02, weight_decay=0.1).init(params), params
-    )
+    expected_opt = lora_muon(0.02, weight_decay=0.1)
+    with pytest.warns(UserWarning, match="AdamW fallback"):  # the bias follows η here
+        expected_state = expected_opt.init(params)
+    expected, _ = jax.jit(expected_opt.update)(grad_fn(params), expected_state, params)
     assert_trees_close(updates, expected, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("mu_dtype", [None, jnp.float32])
 def test_bf16_params_give_bf16_updates(mu_dtype) -> None:
-    opt = lora_muon(0.05, mu_dtype=mu_dtype)
+    opt = lora_muon(0.05, mu_dtype=mu_dtype, fallback_learning_rate=0.05)
     params = make_params(dtype=jnp.bfloat16)
     state = opt.init(params)
     updates, new_state = jax.jit(opt.update)(grad_fn(params), state, params)
@@ -220,7 +222,12 @@ def test_bf16_params_give_bf16_updates(mu_dtype) -> None:
         mus = leaves_named(st, "mu")
         assert len(mus) == 5  # 4 factors + the fallback's bias
         for name, mu in mus:
-            assert mu.dtype == expected, name
+            # The AdamW fallback runs in float32 for 16-bit leaves (its nu would
+            # overflow float16): its first moment is float32 unless mu_dtype is given.
+            fallback_mu = "['bias']" in name and mu_dtype is None
+            assert mu.dtype == (jnp.float32 if fallback_mu else expected), name
+        (nu,) = leaves_named(st, "nu")
+        assert nu[1].dtype == jnp.float32, nu[0]
     assert shape_dtypes(new_state) == shape_dtypes(state)
 
 
@@ -233,7 +240,7 @@ def test_bf16_fallback_updates_stay_bf16(mu_dtype) -> None:
     fallback, so unless it casts the fallback's updates back, mixed trees get float32
     updates for bfloat16 biases while the factors' updates are bfloat16.
     """
-    opt = lora_muon(0.05, mu_dtype=mu_dtype)
+    opt = lora_muon(0.05, mu_dtype=mu_dtype, fallback_learning_rate=0.05)
     params = make_params(dtype=jnp.bfloat16)
     updates, _ = jax.jit(opt.update)(grad_fn(params), opt.init(params), params)
     assert updates["bias"].dtype == jnp.bfloat16, updates["bias"].dtype
@@ -241,7 +248,7 @@ def test_bf16_fallback_updates_stay_bf16(mu_dtype) -> None:
 
 def test_mu_dtype_below_param_dtype() -> None:
     """float32 params with bfloat16 momenta: updates stay float32, momenta bfloat16."""
-    opt = lora_muon(0.05, mu_dtype=jnp.bfloat16)
+    opt = lora_muon(0.05, mu_dtype=jnp.bfloat16, fallback_learning_rate=0.05)
     params = make_params()
     state = opt.init(params)
     updates, new_state = jax.jit(opt.update)(grad_fn(params), state, params)
@@ -252,7 +259,7 @@ def test_mu_dtype_below_param_dtype() -> None:
 @pytest.mark.parametrize("use_grad_mean", [True, False])
 def test_multi_steps(use_grad_mean: bool) -> None:
     """MultiSteps(k=4): three zero updates, then one update on the accumulated gradient."""
-    opt = lora_muon(0.05, weight_decay=0.1)
+    opt = lora_muon(0.05, weight_decay=0.1, fallback_learning_rate=0.05)
     multi = optax.MultiSteps(opt, every_k_schedule=4, use_grad_mean=use_grad_mean)
     params = make_params()
     grads = [jax.tree.map(lambda g, i=i: g * (1.0 + 0.5 * i), grad_fn(params)) for i in range(4)]
@@ -276,7 +283,7 @@ def test_multi_steps(use_grad_mean: bool) -> None:
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_state_stable_under_cond(dtype) -> None:
     """The state keeps its shapes and dtypes through an update (lax.cond demands it)."""
-    opt = lora_muon(0.05)
+    opt = lora_muon(0.05, fallback_learning_rate=0.05)
     params = make_params(dtype=dtype)
 
     @jax.jit
@@ -301,7 +308,7 @@ def test_state_stable_under_cond(dtype) -> None:
 
 
 def test_init_on_shape_dtype_structs() -> None:
-    opt = lora_muon(0.05)
+    opt = lora_muon(0.05, fallback_learning_rate=0.05)
     params = make_params(dtype=jnp.bfloat16)
     abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
     abstract_state = jax.eval_shape(opt.init, abstract)
@@ -323,8 +330,11 @@ def test_chain_with_clip_by_global_norm() -> None:
     """chain(clip, lora_muon) == lora_muon on manually clipped gradients."""
     max_norm = 1.0
     big = 100.0  # make sure clipping is active
-    chained = optax.chain(optax.clip_by_global_norm(max_norm), lora_muon(0.05, weight_decay=0.1))
-    plain = lora_muon(0.05, weight_decay=0.1)
+    chained = optax.chain(
+        optax.clip_by_global_norm(max_norm),
+        lora_muon(0.05, weight_decay=0.1, fallback_learning_rate=0.05),
+    )
+    plain = lora_muon(0.05, weight_decay=0.1, fallback_learning_rate=0.05)
 
     def manual_clip(g):
         norm = optax.tree.norm(g)
@@ -382,7 +392,7 @@ def test_warmup_cosine_schedule_equals_manual_per_step_float() -> None:
 def test_warmup_first_step_is_a_no_op_for_factors() -> None:
     sched = optax.warmup_cosine_decay_schedule(0.0, 0.1, 3, 8)
     params = make_params()
-    p1, _ = run(lora_muon(sched, weight_decay=0.5), params, 1)
+    p1, _ = run(lora_muon(sched, weight_decay=0.5, fallback_learning_rate=sched), params, 1)
     for key in ("layer", "stack"):
         for name, leaf in params[key].items():
             np.testing.assert_array_equal(np.asarray(p1[key][name]), np.asarray(leaf))
@@ -405,20 +415,27 @@ def test_optax_schedules_under_strict_promotion(schedule) -> None:
     fallback is traced; otherwise every non-constant schedule raises TypePromotionError.
     """
     assert jax.config.jax_numpy_dtype_promotion == "strict"
-    params, _ = run(lora_muon(schedule, weight_decay=0.1), make_params(), 2)
+    params, _ = run(
+        lora_muon(schedule, weight_decay=0.1, fallback_learning_rate=schedule), make_params(), 2
+    )
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params))
 
 
 def test_constant_schedule_equals_float() -> None:
     """Both η and the fallback's LR (which defaults to η) become schedules."""
     params = make_params()
-    p_float, _ = run(lora_muon(0.05, weight_decay=0.1), params, 5)
-    p_sched, _ = run(lora_muon(optax.constant_schedule(0.05), weight_decay=0.1), params, 5)
+    # The bias reaches the default fallback at η: reported, and here the point.
+    with pytest.warns(UserWarning, match="AdamW fallback"):
+        p_float, _ = run(lora_muon(0.05, weight_decay=0.1), params, 5)
+    with pytest.warns(UserWarning, match="the `learning_rate` schedule"):
+        p_sched, _ = run(lora_muon(optax.constant_schedule(0.05), weight_decay=0.1), params, 5)
     assert_trees_close(p_sched, p_float, rtol=1e-6, atol=1e-8)
 
 
 def test_apply_if_finite_skips_nan_gradient() -> None:
-    opt = optax.apply_if_finite(lora_muon(0.05, weight_decay=0.1), max_consecutive_errors=3)
+    opt = optax.apply_if_finite(
+        lora_muon(0.05, weight_decay=0.1, fallback_learning_rate=0.05), max_consecutive_errors=3
+    )
     params = make_params()
     params, state = run(opt, params, 2)  # non-trivial inner state
     grads = grad_fn(params)
@@ -445,7 +462,7 @@ def test_apply_if_finite_skips_nan_gradient() -> None:
 def test_lone_factor_names_path_and_shape() -> None:
     params = {"layer": {"lora_a": jnp.ones((32, 4))}, "bias": jnp.ones((16,))}
     with pytest.raises(ValueError, match=re.escape("['layer']['lora_a']")) as info:
-        lora_muon(0.05).init(params)
+        lora_muon(0.05, fallback_learning_rate=0.05).init(params)
     assert "(32, 4)" in str(info.value)
     assert "lora_b" in str(info.value)
 
@@ -453,7 +470,7 @@ def test_lone_factor_names_path_and_shape() -> None:
 def test_mismatched_ranks_show_both_shapes() -> None:
     params = {"layer": {"lora_a": jnp.ones((32, 4)), "lora_b": jnp.ones((3, 16))}}
     with pytest.raises(ValueError) as info:
-        lora_muon(0.05).init(params)
+        lora_muon(0.05, fallback_learning_rate=0.05).init(params)
     assert "(32, 4)" in str(info.value) and "(3, 16)" in str(info.value)
 
 
@@ -462,11 +479,11 @@ def test_integer_factor_is_a_type_error() -> None:
         "layer": {"lora_a": jnp.ones((32, 4), jnp.int32), "lora_b": jnp.ones((4, 16))},
     }
     with pytest.raises(TypeError, match=r"int32"):
-        lora_muon(0.05).init(params)
+        lora_muon(0.05, fallback_learning_rate=0.05).init(params)
 
 
 def test_update_without_params_is_a_value_error() -> None:
-    opt = lora_muon(0.05)
+    opt = lora_muon(0.05, fallback_learning_rate=0.05)
     params = make_params()
     state = opt.init(params)
     with pytest.raises(ValueError, match=r"update\(grads, state, params\)"):
@@ -480,11 +497,11 @@ def test_decay_times_learning_rate_at_least_one_is_rejected(
     learning_rate: float, weight_decay: float
 ) -> None:
     with pytest.raises(ValueError, match="weight_decay"):
-        lora_muon(learning_rate, weight_decay=weight_decay)
+        lora_muon(learning_rate, weight_decay=weight_decay, fallback_learning_rate=learning_rate)
 
 
 def test_decay_times_learning_rate_just_below_one_is_accepted() -> None:
-    opt = lora_muon(0.99, weight_decay=1.0)
+    opt = lora_muon(0.99, weight_decay=1.0, fallback_learning_rate=0.99)
     params, _ = run(opt, make_params(), 1)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params))
 
@@ -533,7 +550,12 @@ def test_factorised_least_squares_converges(method: str) -> None:
     the decaying schedule.
     """
     loss, params = _least_squares()
-    opt = lora_muon(optax.cosine_decay_schedule(0.1, 200), weight_decay=0.0, method=method)
+    opt = lora_muon(
+        optax.cosine_decay_schedule(0.1, 200),
+        weight_decay=0.0,
+        method=method,
+        fallback_learning_rate=optax.cosine_decay_schedule(0.1, 200),
+    )
     curve = _loss_curve(opt, loss, params, 200)
     assert np.all(np.isfinite(curve))
     assert curve[0] / curve[-1] > 100.0, (curve[0], curve[-1])
@@ -555,7 +577,12 @@ def test_imbalanced_factors_leave_lora_muon_unchanged(method: str) -> None:
     steps = 100
 
     def muon():
-        return lora_muon(optax.cosine_decay_schedule(0.1, steps), weight_decay=0.0, method=method)
+        return lora_muon(
+            optax.cosine_decay_schedule(0.1, steps),
+            weight_decay=0.0,
+            method=method,
+            fallback_learning_rate=optax.cosine_decay_schedule(0.1, steps),
+        )
 
     balanced_curve = _loss_curve(muon(), loss, params, steps)
     imbalanced_curve = _loss_curve(muon(), loss, imbalanced, steps)
@@ -588,7 +615,12 @@ def test_split_weight_decay_identity_with_zero_gradients(method: str) -> None:
     """
     learning_rate, weight_decay = 0.1, 0.5
     s = np.sqrt(1.0 - weight_decay * learning_rate)
-    opt = lora_muon(learning_rate, weight_decay=weight_decay, method=method)
+    opt = lora_muon(
+        learning_rate,
+        weight_decay=weight_decay,
+        method=method,
+        fallback_learning_rate=learning_rate,
+    )
     params = make_params()
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)

@@ -47,7 +47,14 @@ optax.contrib.lora_muon = lora_muon_jax.lora_muon  # type: ignore[attr-defined]
 _CASES = tuple(
     {
         "opt_name": "lora_muon",
-        "opt_kwargs": {"learning_rate": 1e-2, "method": method},
+        # No LoRA pair in optax's targets: opt out of the no-pair error, and give the
+        # fallback its learning rate (the same 1e-2 it defaulted to) so it is not reported.
+        "opt_kwargs": {
+            "learning_rate": 1e-2,
+            "method": method,
+            "allow_no_pairs": True,
+            "fallback_learning_rate": 1e-2,
+        },
         "wrapper_name": None,
         "wrapper_kwargs": None,
     }

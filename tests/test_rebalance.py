@@ -84,8 +84,10 @@ def _run(params: dict, tx: optax.GradientTransformation, steps: int) -> list[dic
 @pytest.mark.parametrize("imbalance", [1.0, 1e3])
 def test_rebalance_keeps_the_trajectory_of_w_and_balances(layers: int | None, imbalance: float):
     params = _pair_tree(jax.random.key(0), layers, 0.3 * imbalance, 0.3 / imbalance)
-    plain = _run(params, lora_muon(0.05, weight_decay=0.1), 10)
-    balanced = _run(params, lora_muon(0.05, weight_decay=0.1, rebalance=True), 10)
+    plain = _run(params, lora_muon(0.05, weight_decay=0.1, fallback_learning_rate=0.05), 10)
+    balanced = _run(
+        params, lora_muon(0.05, weight_decay=0.1, rebalance=True, fallback_learning_rate=0.05), 10
+    )
     for p, q in zip(plain, balanced, strict=True):
         w, v = _product(p), _product(q)
         np.testing.assert_allclose(v, w, atol=1e-4 * np.abs(w).max())
@@ -102,11 +104,11 @@ def test_rebalance_keeps_the_trajectory_of_w_and_balances(layers: int | None, im
 
 def test_rebalance_from_standard_init_is_finite_and_balanced() -> None:
     params = _pair_tree(jax.random.key(1), None, 0.3, 0.0)
-    (first,) = _run(params, lora_muon(0.1, rebalance=True), 1)
+    (first,) = _run(params, lora_muon(0.1, rebalance=True, fallback_learning_rate=0.1), 1)
     a, b = np.asarray(first["proj"]["lora_a"]), np.asarray(first["proj"]["lora_b"])
     assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
     np.testing.assert_allclose(_svd_norm(a), _svd_norm(b), rtol=3e-3)
-    (plain,) = _run(params, lora_muon(0.1), 1)
+    (plain,) = _run(params, lora_muon(0.1, fallback_learning_rate=0.1), 1)
     np.testing.assert_allclose(_product(first), _product(plain), atol=1e-6)
 
 
@@ -114,7 +116,10 @@ def test_rebalance_rescales_momenta() -> None:
     # Momentum rescaling is what keeps the trajectory: check it directly on step 1.
     params = _pair_tree(jax.random.key(2), None, 30.0, 0.01)
     grads = jax.tree.map(jnp.ones_like, params)
-    tx_plain, tx_bal = lora_muon(0.1), lora_muon(0.1, rebalance=True)
+    tx_plain, tx_bal = (
+        lora_muon(0.1, fallback_learning_rate=0.1),
+        lora_muon(0.1, rebalance=True, fallback_learning_rate=0.1),
+    )
     u_plain, s_plain = tx_plain.update(grads, tx_plain.init(params), params)
     u_bal, s_bal = tx_bal.update(grads, tx_bal.init(params), params)
     new_a = np.asarray(params["proj"]["lora_a"] + u_bal["proj"]["lora_a"], np.float64)

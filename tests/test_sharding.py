@@ -238,7 +238,7 @@ def test_state_shardings_follow_params() -> None:
     mesh = make_mesh("explicit")
     params = make_params()
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), layout_specs(params, "tp"))
-    opt = optax.chain(optax.clip_by_global_norm(1.0), lora_muon(0.1))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), lora_muon(0.1, fallback_learning_rate=0.1))
     state_shardings = lms.optimizer_state_shardings(opt, params, shardings)
     _, partition = state_shardings
     lora_mu = partition.inner_states["lora"].inner_state[0].mu

@@ -335,7 +335,7 @@ def _updates_side_by_side(qwix_tree, qwix_grads, our_tree, our_grads, our_scale)
     def scale(name: str) -> float:
         return Q_ALPHA / Q_RANK if name.startswith("['qwix']") else our_scale(name)
 
-    tx = lora_muon(0.1, lora_scale=scale)
+    tx = lora_muon(0.1, lora_scale=scale, fallback_learning_rate=0.1)
     params = {"qwix": qwix_tree, "ours": our_tree}
     grads = {"qwix": qwix_grads, "ours": our_grads}
     updates = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)

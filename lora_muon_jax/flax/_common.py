@@ -187,6 +187,17 @@ class LoRAScaleMap:
         self.default = default
 
     def __call__(self, pair: Any) -> float:
+        if isinstance(pair, int | jax.Array) or (
+            hasattr(pair, "dtype") and jnp.issubdtype(pair.dtype, jnp.integer)
+        ):
+            # optax.inject_hyperparams calls every callable hyperparameter as a
+            # schedule, with the step count.
+            raise TypeError(
+                f"LoRAScaleMap was called with {pair!r}, a step count, not a LoRA pair: "
+                "optax.inject_hyperparams treats a callable `lora_scale` as a schedule. "
+                "Name it static: optax.inject_hyperparams(lora_muon, "
+                'static_args=("lora_scale",))(learning_rate=..., lora_scale=...).'
+            )
         path = module_path_of(pair)
         best: tuple[str, ...] | None = None
         for known in self.scales:
