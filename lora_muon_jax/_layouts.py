@@ -269,7 +269,9 @@ def resolve(
             f"{where}: {shapes} admit more than one reading, and the optimizer will not guess:\n"
             f"{listed}\nStacked layers, a multi-axis factor and MaxText's scanned layout "
             f"(maxtext_dimension_numbers()) look alike by shape. Choose the right reading. "
-            f"{HOW_TO_PASS}"
+            f"{HOW_TO_PASS} For an NNX model (lorafy'd, nnx.vmap/nnx.scan-stacked or "
+            f"lora_muon_jax.hf scanned layers), the model declares it: "
+            f"dimension_numbers=lora_muon_jax.flax.nnx.lora_dimension_numbers_fn(model)."
         )
     hints = _other_layouts(a_shape, b_shape, rank_axes, naming_axes)
     if consistent:

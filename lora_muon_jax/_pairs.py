@@ -37,7 +37,8 @@ dims, kauldron trees alike). A reading is valid when ranks agree and
   all layers. Pass ``dimension_numbers=maxtext_dimension_numbers()``.
 * Stacked layers whose count equals the rank, e.g. ``(4, 16, 4)`` /
   ``(4, 4, 8)``: 4 layers of ``16×4``/``4×8``, or one conv ``a`` with an einsum
-  ``b``? Pass ``LoRADimensionNumbers(num_batch_axes=...)``.
+  ``b``? Pass ``LoRADimensionNumbers(num_batch_axes=...)``, or for an NNX
+  model ``lora_muon_jax.flax.nnx.lora_dimension_numbers_fn(model)``.
 
 Both raise a ``ValueError`` that lists the readings with the spec of each, as
 do a rank larger than ``min(m, n)`` (e.g. torch-layout factors under flax

@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_muon_jax import lora_muon
-from lora_muon_jax.flax.nnx import lora_scale_fn
+from lora_muon_jax.flax.nnx import lora_dimension_numbers_fn, lora_scale_fn
 from lora_muon_jax.flax.surgery import lorafy
 from lora_muon_jax.hf import text as text_lib
 from lora_muon_jax.hf.checkpoint import load_pretrained
@@ -88,7 +88,12 @@ def adapt(
         state = nnx.state(model, nnx.LoRAParam)
         axes: list[str] = [a for a in ("fsdp", "tp") if mesh.shape[a] > 1] or ["fsdp"]
         size = int(np.prod([mesh.shape[a] for a in axes]))
-        specs = long_axis_partition_specs(state, tuple(axes) if len(axes) > 1 else axes[0], size)
+        specs = long_axis_partition_specs(
+            state,
+            tuple(axes) if len(axes) > 1 else axes[0],
+            size,
+            dimension_numbers=lora_dimension_numbers_fn(model),
+        )
         placed = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
         nnx.update(model, placed)
         for (_, var), (_, spec) in zip(
@@ -117,7 +122,12 @@ def make_optimizer(
     warmup: float = 0.05,
     loraplus_ratio: float = 16.0,
 ) -> optax.GradientTransformation:
-    """The factors' optimizer: linear warmup, then cosine decay to 10 % of ``learning_rate``."""
+    """The factors' optimizer: linear warmup, then cosine decay to 10 % of ``learning_rate``.
+
+    ``lora_muon`` gets the adapted ``model``'s scales (``lora_scale_fn``) and
+    stacked axes (``lora_dimension_numbers_fn``: scanned layers whose count
+    equals the rank are ambiguous by shape), so call it after ``adapt``.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
     if not learning_rate > 0:
@@ -128,7 +138,10 @@ def make_optimizer(
 
     if name == "lora_muon":
         return lora_muon(
-            schedule(learning_rate), weight_decay=weight_decay, lora_scale=lora_scale_fn(model)
+            schedule(learning_rate),
+            weight_decay=weight_decay,
+            lora_scale=lora_scale_fn(model),
+            dimension_numbers=lora_dimension_numbers_fn(model),
         )
     if name == "adamw":
         return optax.adamw(schedule(learning_rate), weight_decay=weight_decay)

@@ -19,7 +19,7 @@ import pytest
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 
-from lora_muon_jax import find_lora_pairs, lora_muon  # noqa: E402
+from lora_muon_jax import LoRADimensionNumbers, find_lora_pairs, lora_muon  # noqa: E402
 from lora_muon_jax.flax import INIT_MODES, linen, surgery  # noqa: E402
 from lora_muon_jax.flax import nnx as lnnx  # noqa: E402
 from lora_muon_jax.flax.linen import LoRADense, LoRADenseGeneral  # noqa: E402
@@ -464,3 +464,54 @@ def test_nnx_stacked_layers_pair_per_layer_and_merge() -> None:
     np.testing.assert_allclose(model(x), adapted, rtol=F32_RTOL, atol=F32_ATOL)
     surgery.unmerge_lora(model)
     assert model.layers.kernel is None
+
+
+def test_lora_batch_axes_of_every_nnx_lora_module() -> None:
+    """Each module's stacked axes: what its factors hold beyond the one pair it declares."""
+
+    class Net(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs: nnx.Rngs):
+                general = lnnx.LoRALinearGeneral((2, 4), (2, 4), lora_rank=2, rngs=rngs)
+                return general, nnx.LoRA(6, 2, 4, rngs=rngs)
+
+            self.general, self.flax_lora = create(rngs)
+            self.lin = nnx.LoRALinear(6, 4, lora_rank=2, rngs=rngs)  # not stacked
+            # an einsum batch axis n: one pair per head, lora_a (n, d, r), lora_b (n, r, h)
+            heads = nnx.Einsum("bnd,ndh->bnh", (2, 6, 4), rngs=rngs)
+            self.heads = lnnx.LoRAAdapter(heads, lora_rank=2, rngs=rngs)
+
+    model = Net(rngs=nnx.Rngs(0))
+    assert lnnx.lora_batch_axes(model) == {
+        ("general",): 1,
+        ("flax_lora",): 1,
+        ("lin", "lora"): 0,
+        ("heads",): 1,
+    }
+    state = nnx.state(model, nnx.LoRAParam)
+    with pytest.raises(ValueError, match="more than one reading"):
+        find_lora_pairs(state)  # 2 layers (or heads) at rank 2
+    pairs = find_lora_pairs(state, dimension_numbers=lnnx.lora_dimension_numbers_fn(model))
+    assert {p.module_path: (p.batch_shape, p.rank) for p in pairs} == {
+        ("general",): ((2,), 2),
+        ("flax_lora",): ((2,), 2),
+        ("lin", "lora"): ((), 2),
+        ("heads",): ((2,), 2),
+    }
+    # The map looks pairs up by their structured module path, a prefix allowed.
+    fn = lnnx.lora_dimension_numbers_fn(model)
+    assert fn(("params", "lin", "lora")) == LoRADimensionNumbers(num_batch_axes=0)
+    with pytest.raises(TypeError, match="not parsed back from strings"):
+        fn("['lin']['lora']['lora_{a,b}']")
+    tx = optax.inject_hyperparams(lora_muon, static_args=("dimension_numbers",))(
+        learning_rate=0.1, dimension_numbers=fn
+    )
+    tx.init(state)
+    with pytest.raises(TypeError, match="static_args"):
+        optax.inject_hyperparams(lora_muon)(learning_rate=0.1, dimension_numbers=fn).init(state)
+    # Factors that disagree with their module are reported, not read some other way.
+    model.lin.lora.lora_a = nnx.LoRAParam(jnp.zeros((3, 6, 2)))
+    with pytest.raises(ValueError, match=r"LoRA at lin/lora: lora_a \(3, 6, 2\) and lora_b"):
+        lnnx.lora_batch_axes(model)

@@ -19,7 +19,12 @@ nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 qwix = pytest.importorskip("qwix")
 
-from lora_muon_jax import find_lora_pairs, lora_muon  # noqa: E402
+from lora_muon_jax import (  # noqa: E402
+    LoRADimensionNumbers,
+    find_lora_pairs,
+    lora_muon,
+    maxtext_dimension_numbers,
+)
 from lora_muon_jax.flax import linen, surgery  # noqa: E402
 from lora_muon_jax.flax import nnx as lnnx  # noqa: E402
 from lora_muon_jax.flax.linen import LoRADense, LoRADenseGeneral  # noqa: E402
@@ -130,6 +135,68 @@ def test_lorafy_keeps_outputs_and_trains_only_factors() -> None:
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] / 4, losses[[0, -1]]
     for k, v in _arrays(nnx.state(model, BASE)).items():
         np.testing.assert_array_equal(v, base_now[k], err_msg=f"frozen {k} moved")
+
+
+class VmapStack(nnx.Module):
+    """``layers`` ``nnx.Linear`` (8 -> 6) stacked by ``nnx.vmap``: kernel (layers, 8, 6)."""
+
+    def __init__(self, layers: int, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs: nnx.Rngs):
+            return nnx.Linear(8, 6, rngs=rngs)
+
+        self.layers = create(rngs)
+
+
+def test_lorafy_vmap_stack_with_layers_equal_to_rank_declares_its_layout() -> None:
+    # 3 layers at rank 3: lora_a (3, 8, 3), lora_b (3, 3, 6) are 3 pairs of 8×3/6×3 factors
+    # or one 24×3/18×3 pair by shape; the model knows they are stacked.
+    model = VmapStack(3, rngs=nnx.Rngs(0))
+    surgery.lorafy(model, "layers", rank=3, alpha=6.0, rngs=nnx.Rngs(1))
+    nnx.update(model, _randomize(nnx.state(model, nnx.LoRAParam), seed=2))
+    assert lnnx.lora_batch_axes(model) == {("layers",): 1}
+    dims = lnnx.lora_dimension_numbers_fn(model)
+    assert dims(("layers",), (3, 8, 3), (3, 3, 6)) == LoRADimensionNumbers(num_batch_axes=1)
+    assert dims(("elsewhere",)) is None  # a pair no known module owns: inferred
+    fixed = LoRADimensionNumbers(num_batch_axes=0)
+    assert lnnx.lora_dimension_numbers_fn(model, default=fixed)(("elsewhere",)) == fixed
+    scale = lnnx.lora_scale_fn(model)  # s = 6 / 3
+    with pytest.raises(ValueError, match=r"(?s)more than one reading.*lora_dimension_numbers_fn"):
+        nnx.Optimizer(model, lora_muon(0.1, lora_scale=scale), wrt=nnx.LoRAParam)
+    tx = lora_muon(0.1, weight_decay=0.1, lora_scale=scale, dimension_numbers=dims)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+    grads = _randomize(nnx.state(model, nnx.LoRAParam), seed=3)
+    optimizer.update(model, grads)
+    stepped = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))["layers"]
+    # The oracle: each layer's pair stepped alone (2-D factors, nothing to declare).
+    g = nnx.to_pure_dict(grads)["layers"]
+    alone_tx = lora_muon(0.1, weight_decay=0.1, lora_scale=2.0)
+    for i in range(3):
+        alone = {k: jnp.asarray(params["layers"][k][i]) for k in ("lora_a", "lora_b")}
+        updates, _ = alone_tx.update({k: g[k][i] for k in alone}, alone_tx.init(alone), alone)
+        for k, u in updates.items():
+            want = np.asarray(alone[k] + u)
+            # The same float32 operations per layer, batched or not (bit-equal on CPU).
+            np.testing.assert_allclose(stepped[k][i], want, rtol=0, atol=1e-6 * np.abs(u).max())
+    # Tree-level helpers take the same declaration.
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with pytest.raises(ValueError, match="more than one reading"):
+        surgery.merge_lora_params(tree, scale)
+    merged = surgery.merge_lora_params(tree, scale, dimension_numbers=dims)
+    a, b = np.asarray(stepped["lora_a"]), np.asarray(stepped["lora_b"])
+    kernel = np.asarray(tree["layers"]["base_module"]["kernel"])
+    np.testing.assert_allclose(
+        merged["layers"]["base_module"]["kernel"],
+        kernel + 2.0 * np.einsum("lir,lro->lio", a, b),
+        rtol=F32_TOL,
+        atol=F32_TOL,
+    )
+    labels = surgery.lora_labels(tree, dimension_numbers=dims)
+    assert labels["layers"]["lora_a"] == "lora" and labels["layers"]["base_module"]["kernel"] == (
+        "frozen"
+    )
 
 
 def test_lorafy_inherits_kernel_sharding() -> None:
@@ -316,6 +383,23 @@ def test_merge_errors_name_the_pair() -> None:
     }
     with pytest.raises(ValueError, match=r"pair \['layer'\]\['lora_\{a,b\}'\]: lora_a \(3, 2\)"):
         surgery.merge_lora_params(params)
+
+
+def test_merge_refuses_batch_axes_that_do_not_lead() -> None:
+    # MaxText's scanned layout: the layer axis inside both factors and the kernel.
+    params = {
+        "wi": {
+            "kernel": jnp.zeros((8, 3, 6)),
+            "lora_a": jnp.ones((8, 3, 2)),
+            "lora_b": jnp.ones((2, 3, 6)),
+        }
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"pair \['wi'\]\['lora_\{a,b\}'\]: merging needs the batch \(stacked-layer\) axes "
+        r"to lead both factors, got lora_a batch axes \(1,\) of \(8, 3, 2\)",
+    ):
+        surgery.merge_lora_params(params, dimension_numbers=maxtext_dimension_numbers())
 
 
 # ---------------------------------------------------------------------------

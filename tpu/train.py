@@ -126,7 +126,7 @@ def build(model_dir: str, config: dict[str, Any], steps: int, mesh: Any) -> tupl
 
     from lora_muon_jax import lora_muon
     from lora_muon_jax.finetune import TARGETS, adapt
-    from lora_muon_jax.flax.nnx import lora_scale_fn
+    from lora_muon_jax.flax.nnx import lora_dimension_numbers_fn, lora_scale_fn
     from lora_muon_jax.hf import load_pretrained
 
     mcfg, tcfg = config["model"], config["train"]
@@ -147,7 +147,12 @@ def build(model_dir: str, config: dict[str, Any], steps: int, mesh: Any) -> tupl
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, tcfg["lr"], tcfg["warmup"], max(steps, 2), end_value=0.1 * tcfg["lr"]
     )
-    tx = lora_muon(schedule, weight_decay=tcfg["weight_decay"], lora_scale=lora_scale_fn(model))
+    tx = lora_muon(
+        schedule,
+        weight_decay=tcfg["weight_decay"],
+        lora_scale=lora_scale_fn(model),
+        dimension_numbers=lora_dimension_numbers_fn(model),  # scanned layers == rank
+    )
     return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
 

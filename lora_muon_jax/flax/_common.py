@@ -12,12 +12,13 @@ base kernel's shape ``(*in, *out)``. The optimizer needs ``s`` (its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from lora_muon_jax._layouts import LoRADimensionNumbers
 from lora_muon_jax._pairs import module_path_of
 
 InitMode = Literal["standard", "native"]
@@ -170,6 +171,18 @@ def default_lora_b_init(init: str) -> Callable[..., jax.Array]:
 # ---------------------------------------------------------------------------
 
 
+def owning_module(
+    known: Iterable[tuple[str, ...]], path: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """The longest of the ``known`` module paths that ends ``path`` (``None``: none does)."""
+    best: tuple[str, ...] | None = None
+    for candidate in known:
+        if len(candidate) <= len(path) and path[len(path) - len(candidate) :] == candidate:
+            if best is None or len(candidate) > len(best):
+                best = candidate
+    return best
+
+
 class LoRAScaleMap:
     """``f(pair) -> s``: the ``lora_scale`` callable ``lora_muon`` accepts.
 
@@ -199,11 +212,7 @@ class LoRAScaleMap:
                 'static_args=("lora_scale",))(learning_rate=..., lora_scale=...).'
             )
         path = module_path_of(pair)
-        best: tuple[str, ...] | None = None
-        for known in self.scales:
-            if len(known) <= len(path) and path[len(path) - len(known) :] == known:
-                if best is None or len(known) > len(best):
-                    best = known
+        best = owning_module(self.scales, path)
         if best is not None:
             return self.scales[best]
         if self.default is not None:
@@ -216,3 +225,50 @@ class LoRAScaleMap:
 
     def __repr__(self) -> str:
         return f"LoRAScaleMap({self.scales!r}, default={self.default!r})"
+
+
+class LoRADimensionNumbersMap:
+    """``f(pair_name, a_shape, b_shape) -> LoRADimensionNumbers | None``: a model's declared layout.
+
+    The ``dimension_numbers`` callable ``lora_muon``/``find_lora_pairs`` accept.
+    Holds ``{module path: k}``, the number of leading stacked (layer) axes of
+    the factors of each LoRA module the model owns (``nnx.vmap``/``nnx.scan``
+    stacks, ``lorafy`` on stacked layers, ``lora_muon_jax.hf`` scanned layers;
+    ``0`` for a module that is not stacked). A pair is looked up by its
+    structured ``module_path`` as ``LoRAScaleMap`` does (the longest known path
+    that ends the pair's wins) and gets ``LoRADimensionNumbers(num_batch_axes=k)``:
+    the rank axes stay the naming's. A pair no known module owns gets
+    ``default`` (``None``: the layout is inferred from the shapes).
+
+    Stacked layers whose count equals the rank (``lora_a (16, in, 16)``,
+    ``lora_b (16, 16, out)``) are ambiguous by shape; the model knows which
+    axes are stacked, so declaring them settles it.
+    """
+
+    def __init__(
+        self,
+        batch_axes: Mapping[tuple[str, ...], int],
+        default: LoRADimensionNumbers | None = None,
+    ):
+        self.batch_axes = {tuple(str(k) for k in path): int(k) for path, k in batch_axes.items()}
+        if default is not None and not isinstance(default, LoRADimensionNumbers):
+            raise TypeError(f"default must be LoRADimensionNumbers or None, got {default!r}")
+        self.default = default
+
+    def __call__(
+        self, pair: Any, a_shape: Sequence[int] = (), b_shape: Sequence[int] = ()
+    ) -> LoRADimensionNumbers | None:
+        del a_shape, b_shape  # the model's declaration; find_lora_pairs checks the shapes
+        if isinstance(pair, int | jax.Array):
+            raise TypeError(
+                f"LoRADimensionNumbersMap was called with {pair!r}, a step count, not a LoRA "
+                "pair: optax.inject_hyperparams treats a callable as a schedule. Name it static: "
+                'static_args=("dimension_numbers",).'
+            )
+        best = owning_module(self.batch_axes, module_path_of(pair))
+        if best is None:
+            return self.default
+        return LoRADimensionNumbers(num_batch_axes=self.batch_axes[best])
+
+    def __repr__(self) -> str:
+        return f"LoRADimensionNumbersMap({self.batch_axes!r}, default={self.default!r})"

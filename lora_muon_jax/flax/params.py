@@ -44,18 +44,25 @@ Path = tuple[str, ...]
 LoRAScaleArg = float | Callable[[Any], float]
 
 
-def lora_labels(params: Any, *, lora_label: str = "lora", frozen_label: str = "frozen") -> Any:
+def lora_labels(
+    params: Any,
+    *,
+    lora_label: str = "lora",
+    frozen_label: str = "frozen",
+    dimension_numbers: _pairs.DimensionNumbersArg = None,
+) -> Any:
     """Label each leaf ``lora_label`` (a LoRA factor) or ``frozen_label`` (everything else).
 
     For ``optax.partition({'lora': lora_muon(...), 'frozen': optax.set_to_zero()},
     lora_labels(params))``: only the factors train, base weights stay
-    bit-identical. Pairs are found as ``lora_muon`` finds them.
+    bit-identical. Pairs are found as ``lora_muon`` finds them (pass it the
+    same ``dimension_numbers``).
 
     Raises:
       ValueError: ``params`` holds no LoRA pair (nothing would train), or a
         lone/mismatched factor (from ``find_lora_pairs``).
     """
-    pairs = _pairs.find_lora_pairs(params)
+    pairs = _pairs.find_lora_pairs(params, dimension_numbers=dimension_numbers)
     if not pairs:
         shapes = jax.tree_util.tree_map_with_path(
             lambda p, x: f"{jax.tree_util.keystr(p)}: {jnp.shape(x)}", params
@@ -65,7 +72,9 @@ def lora_labels(params: Any, *, lora_label: str = "lora", frozen_label: str = "f
             f"lora_labels: no LoRA factor pairs (lora_a/lora_b, <name>_lora_a/_b, lora/{{a,b}}) "
             f"in params; leaves: {shown}"
         )
-    return _pairs.lora_param_labels(params, lora_label=lora_label, other_label=frozen_label)
+    return _pairs.lora_param_labels(
+        params, dimension_numbers=dimension_numbers, lora_label=lora_label, other_label=frozen_label
+    )
 
 
 def _flat(tree: Any) -> dict[Path, Any]:
@@ -134,18 +143,30 @@ def _scale(lora_scale: LoRAScaleArg, pair: _pairs.LoRAPair) -> float:
     return float(lora_scale(pair.name) if callable(lora_scale) else lora_scale)
 
 
+def _product(a: jax.Array, b: jax.Array, pair: _pairs.LoRAPair, where: str) -> jax.Array:
+    """``lora_a ⋅ lora_b`` (float32), batch axes in front; they must lead both factors."""
+    if not pair.leading_batch_axes:
+        raise ValueError(
+            f"{where}: merging needs the batch (stacked-layer) axes to lead both factors, got "
+            f"lora_a batch axes {pair.dims.a_batch_axes} of {pair.a_shape} and lora_b batch axes "
+            f"{pair.dims.b_batch_axes} of {pair.b_shape} (e.g. MaxText's scanned layout); move "
+            "them to the front of the factors and the kernel first"
+        )
+    return _common.lora_product(a, b, len(pair.batch_shape))
+
+
 def _delta(
     a: jax.Array, b: jax.Array, pair: _pairs.LoRAPair, kernel_shape: tuple[int, ...], where: str
 ) -> jax.Array:
     """``lora_a ⋅ lora_b`` (float32) in ``kernel_shape``."""
     dims = pair.dims
-    nb = dims.num_batch_axes or 0
+    nb = len(pair.batch_shape)
     if dims.a_rank_axis not in (-1, a.ndim - nb - 1) or dims.b_rank_axis != 0:
         raise ValueError(
             f"{where}: merging needs the flax layout (lora_a rank axis last, lora_b rank axis "
             f"first), got {dims}"
         )
-    delta = _common.lora_product(a, b, nb)
+    delta = _product(a, b, pair, where)
     if delta.shape != kernel_shape:
         if delta.size != math.prod(kernel_shape) or delta.shape[:nb] != kernel_shape[:nb]:
             raise ValueError(
@@ -156,7 +177,12 @@ def _delta(
     return delta
 
 
-def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, Any]:
+def merge_lora_params(
+    params: Any,
+    lora_scale: LoRAScaleArg = 1.0,
+    *,
+    dimension_numbers: _pairs.DimensionNumbersArg = None,
+) -> dict[str, Any]:
     """Fold every LoRA pair into its base kernel and drop the factors: the plain model's tree.
 
     ``kernel ← kernel + s · lora_a ⋅ lora_b`` (float32 math, the kernel's dtype
@@ -170,6 +196,8 @@ def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, 
       params: the adapted tree (unboxed: ``nn.unbox`` it first if partitioned).
       lora_scale: ``s``, a number or ``f(pair_name) -> s`` (e.g. ``lora_scale_fn(...)``:
         the same callable the optimizer takes).
+      dimension_numbers: the pairs' layout, as ``find_lora_pairs`` takes it (e.g.
+        ``lora_dimension_numbers_fn(model)``); batch axes must lead both factors.
 
     Returns:
       A nested dict without LoRA factors, e.g. the ``params`` of ``nn.Dense``
@@ -177,7 +205,7 @@ def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, 
     """
     flat = _flat(params)
     out = dict(flat)
-    for pair in _pairs.find_lora_pairs(params):
+    for pair in _pairs.find_lora_pairs(params, dimension_numbers=dimension_numbers):
         a_path, b_path = _pair_paths(pair)
         where = f"merge_lora_params: pair {pair.name}"
         a, b = jnp.asarray(flat[a_path]), jnp.asarray(flat[b_path])
@@ -186,7 +214,7 @@ def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, 
         if base is None:
             if not a_path[-1] == "lora_a":
                 raise ValueError(f"{where}: no base weight found at {_base_candidates(a_path)}")
-            delta = _common.lora_product(a, b, pair.dims.num_batch_axes or 0)
+            delta = _product(a, b, pair, where)
             out[(*a_path[:-1], "kernel")] = (s * delta).astype(a.dtype)
         else:
             kernel = jnp.asarray(flat[base])
@@ -196,21 +224,28 @@ def merge_lora_params(params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, 
     return _nested(out)
 
 
-def unmerge_lora_params(merged: Any, params: Any, lora_scale: LoRAScaleArg = 1.0) -> dict[str, Any]:
+def unmerge_lora_params(
+    merged: Any,
+    params: Any,
+    lora_scale: LoRAScaleArg = 1.0,
+    *,
+    dimension_numbers: _pairs.DimensionNumbersArg = None,
+) -> dict[str, Any]:
     """Invert ``merge_lora_params``: the adapted tree, with its kernels recovered from ``merged``.
 
     ``kernel = merged kernel − s · lora_a ⋅ lora_b`` with the factors of
     ``params`` (the adapted tree: it gives the structure and the factors; its
     kernel values are not used); every other leaf comes from ``merged``. A pair
     without a kernel in ``params`` (native init) drops the merged kernel.
-    Exact up to the float rounding of the kernel's dtype.
+    Exact up to the float rounding of the kernel's dtype. ``dimension_numbers``:
+    as in ``merge_lora_params``.
 
     Raises:
       ValueError: a leaf of ``params`` missing from ``merged`` or of another shape.
     """
     flat_m, flat_p = _flat(merged), _flat(params)
     out: dict[Path, Any] = {}
-    pairs = _pairs.find_lora_pairs(params)
+    pairs = _pairs.find_lora_pairs(params, dimension_numbers=dimension_numbers)
     factor_paths: set[Path] = set()
     for pair in pairs:
         factor_paths.update(_pair_paths(pair))

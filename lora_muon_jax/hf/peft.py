@@ -25,7 +25,7 @@ from flax import nnx
 
 from lora_muon_jax import _pairs
 from lora_muon_jax.flax import params as tree_params
-from lora_muon_jax.flax.nnx import lora_scale_fn
+from lora_muon_jax.flax.nnx import lora_dimension_numbers_fn, lora_scale_fn
 from lora_muon_jax.flax.surgery import lorafy
 from lora_muon_jax.hf.checkpoint import hf_tensors, host_array, save_pretrained
 from lora_muon_jax.hf.model import CausalLM
@@ -46,14 +46,14 @@ def _modules(model: CausalLM) -> list[tuple[str, np.ndarray, np.ndarray, _pairs.
     state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
     leaves = jax.tree_util.tree_leaves(state)
     out = []
-    for pair in _pairs.find_lora_pairs(state):
+    for pair in _pairs.find_lora_pairs(state, dimension_numbers=lora_dimension_numbers_fn(model)):
         a = host_array(leaves[pair.a_index]).astype(np.float32)
         b = host_array(leaves[pair.b_index]).astype(np.float32)
         path = [k for k in pair.module_path if k != "base_module"]
         nb = pair.dims.num_batch_axes or 0
         if nb == 0:
             out.append((".".join(path), a, b, pair))
-        elif nb == 1 and path[:2] == ["model", "layers"]:
+        elif nb == 1 and pair.leading_batch_axes and path[:2] == ["model", "layers"]:
             for i in range(a.shape[0]):
                 out.append((".".join([*path[:2], str(i), *path[2:]]), a[i], b[i], pair))
         else:
@@ -132,7 +132,9 @@ def save_merged(
     # On the host: the weights are gathered for writing anyway, and merging there
     # avoids resharding each factor product onto its weight's layout on device.
     params = jax.tree.map(host_array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    merged = tree_params.merge_lora_params(params, lora_scale)
+    merged = tree_params.merge_lora_params(
+        params, lora_scale, dimension_numbers=lora_dimension_numbers_fn(model)
+    )
     tensors = hf_tensors(merged, model.config, stacked=model.model.scan_layers)
     return save_pretrained(tensors, base_dir, out_dir)
 
