@@ -107,7 +107,7 @@ def pair_diagnostics(
     out = {}
     for p in pairs:
         dtype = _polar.compute_dtype(leaves[p.a_index].dtype, leaves[p.b_index].dtype)
-        batch = p.a_shape[: p.dims.num_batch_axes or 0]
+        batch = p.batch_shape  # the batch axes may sit anywhere (MaxText: inside both factors)
 
         def math(x: jax.Array, role: _pairs.Role, p: _pairs.LoRAPair = p, dt=dtype) -> jax.Array:
             return _pairs.to_math_layout(jnp.asarray(x).astype(dt), p, role)

@@ -211,12 +211,12 @@ def long_axis_partition_specs(
     leaves, treedef = jax.tree_util.tree_flatten(params)
     candidates: list[list[int] | None] = [None] * len(leaves)
     for pair in resolved.pairs:
-        nb = pair.dims.num_batch_axes or 0
         roles: tuple[tuple[int, _pairs.Role], ...] = ((pair.a_index, "a"), (pair.b_index, "b"))
         for index, role in roles:
             ndim = len(leaves[index].shape)
-            rank_axis = _views.rank_axis_of(pair, role, ndim)
-            candidates[index] = [ax for ax in range(nb, ndim) if ax != rank_axis]
+            # batch axes may sit anywhere (MaxText's layer axis is inside both factors)
+            skip = {_views.rank_axis_of(pair, role, ndim), *_views.batch_axes_of(pair, role)}
+            candidates[index] = [ax for ax in range(ndim) if ax not in skip]
     specs = []
     for leaf, cand in zip(leaves, candidates, strict=True):
         shape = tuple(leaf.shape)

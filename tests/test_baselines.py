@@ -24,8 +24,9 @@ import numpy as np
 import optax
 import pytest
 
-from lora_muon_jax import lora_muon, lora_muon_direction
+from lora_muon_jax import lora_muon, lora_muon_direction, maxtext_dimension_numbers
 from lora_muon_jax.baselines import (
+    ScaleBySpectronState,
     dense_muon,
     lora_rite,
     lora_rite_direction,
@@ -223,6 +224,45 @@ def test_spectron_state_dtypes_and_errors() -> None:
         tx.init({**params, "bias": jnp.zeros(3)})
     with pytest.raises(ValueError, match="params"):
         tx.update(grads, state, None)
+
+
+def test_spectron_maxtext_layout_steps_per_layer() -> None:
+    # The layer axis inside both factors (MaxText): one power-iteration state per layer,
+    # and each layer steps as its 2-D pair alone would (same float32 math, batched).
+    rng = np.random.default_rng(11)
+    layers, m, n, r = 3, 8, 6, 2
+
+    def tree(scale: float) -> dict:
+        return {
+            "lora_a": jnp.asarray(scale * rng.standard_normal((m, layers, r)), jnp.float32),
+            "lora_b": jnp.asarray(scale * rng.standard_normal((r, layers, n)), jnp.float32),
+        }
+
+    params, grads = tree(0.5), [tree(1.0), tree(1.0)]
+    opt = spectron(0.1, weight_decay=0.01, dimension_numbers=maxtext_dimension_numbers())
+    state = opt.init(params)
+    (spectron_state,) = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleBySpectronState))
+        if isinstance(s, ScaleBySpectronState)
+    ]
+    assert [v.shape for v in spectron_state.power_vectors[0]] == [(layers, r)] * 2
+    stepped = params
+    for g in grads:
+        u, state = opt.update(g, state, stepped)
+        stepped = optax.apply_updates(stepped, u)
+    alone_opt = spectron(0.1, weight_decay=0.01)
+    for i in range(layers):
+        alone = {k: params[k][:, i] for k in params}
+        alone_state = alone_opt.init(alone)
+        for g in grads:
+            u, alone_state = alone_opt.update({k: g[k][:, i] for k in g}, alone_state, alone)
+            alone = optax.apply_updates(alone, u)
+        for k in alone:
+            want = np.asarray(alone[k])
+            np.testing.assert_allclose(
+                stepped[k][:, i], want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=k
+            )
 
 
 # ---------------------------------------------------------------------- dense Muon

@@ -28,7 +28,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_muon_jax import Method, lora_muon
+from lora_muon_jax import Method, lora_muon, maxtext_dimension_numbers
 from lora_muon_jax import sharding as lms
 from lora_muon_jax.testing import hlo_collectives
 
@@ -289,6 +289,17 @@ def test_long_axis_partition_specs() -> None:
     kept = lms.long_axis_partition_specs(params, ("a", "b"), 8, shard_other_leaves=False)
     assert kept["bias"] == P(None)
     assert kept["attn"]["kernel_lora_a"] == P(("a", "b"), None)
+
+
+def test_long_axis_partition_specs_skip_batch_axes_anywhere() -> None:
+    # MaxText's scanned layout: the layer axis (8, divisible, and the longest) sits at
+    # position 1 of both factors; only embed / heads·head_dim may be sharded.
+    params = {"wi": {"lora_a": np.ones((6, 8, 2)), "lora_b": np.ones((2, 8, 4, 3))}}
+    specs = lms.long_axis_partition_specs(
+        params, "fsdp", 2, dimension_numbers=maxtext_dimension_numbers()
+    )
+    assert specs["wi"]["lora_a"] == P("fsdp", None, None)
+    assert specs["wi"]["lora_b"] == P(None, None, "fsdp", None)
 
 
 # --- The HLO parser ------------------------------------------------------------------------

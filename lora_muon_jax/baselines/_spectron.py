@@ -97,7 +97,7 @@ def scale_by_spectron(
     def init_extra(pairs: list[_pairs.LoRAPair]) -> tuple[Any, ...]:
         vectors = []
         for p in pairs:
-            n = math.prod(p.a_shape[: p.dims.num_batch_axes or 0])
+            n = math.prod(p.batch_shape)  # batch axes anywhere, not only leading
             vectors.append((_initial_vector(n, p.rank), _initial_vector(n, p.rank)))
         return (tuple(vectors),)
 

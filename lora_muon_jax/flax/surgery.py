@@ -7,7 +7,9 @@ whose functions this module re-exports for compatibility):
   ``nnx.Linear``/``nnx.Einsum`` whose path (``'/'``-joined, as qwix's
   ``module_path``) fully matches the regex ``pattern`` by a ``LoRAAdapter``
   that keeps the pretrained layer as ``base_module``. Train with
-  ``nnx.Optimizer(model, lora_muon(..., lora_scale=lora_scale_fn(model)), wrt=nnx.LoRAParam)``.
+  ``nnx.Optimizer(model, lora_muon(..., lora_scale=lora_scale_fn(model)), wrt=nnx.LoRAParam)``;
+  on stacked (``nnx.vmap``/``nnx.scan``) layers also pass
+  ``dimension_numbers=lora_dimension_numbers_fn(model)`` (needed when layers == rank).
 * ``merge_lora(model)`` folds ``s · lora_a ⋅ lora_b`` into each base kernel and
   switches the adapter off; ``unmerge_lora(model)`` undoes it;
   ``merge_lora(model, remove_adapters=True)`` also puts the base layers back
