@@ -311,19 +311,25 @@ def fingerprint(base: pathlib.Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def run_settings(scale: dict[str, Any]) -> dict[str, Any]:
+    """What one run's result depends on: the scale without the study's ranks and seeds."""
+    return {k: v for k, v in json.loads(json.dumps(scale)).items() if k not in ("ranks", "seeds")}
+
+
 class Study:
     def __init__(self, out: pathlib.Path, base: pathlib.Path, data: Data, scale: Scale):
         self.out, self.base, self.data, self.scale = out, base, data, scale
         self.refine_all = False
         self.base_id = fingerprint(base)
-        self.scale_id = json.loads(json.dumps(dataclasses.asdict(scale)))  # as stored
+        self.scale_id = run_settings(dataclasses.asdict(scale))
         (out / "runs").mkdir(parents=True, exist_ok=True)
 
     def get(self, name: str, rank: int, lr: float, seed: int) -> dict[str, Any]:
         file = self.out / "runs" / f"r{rank}_{name}_lr{lr:.4g}_s{seed}.json"
         if file.exists():
             record = json.loads(file.read_text())
-            if record.get("base") == self.base_id and record.get("scale") == self.scale_id:
+            stored = run_settings(record.get("scale", {}))
+            if record.get("base") == self.base_id and stored == self.scale_id:
                 return record
         t0 = time.perf_counter()
         record = run(self.base, self.data, self.scale, name, rank, lr, seed)
