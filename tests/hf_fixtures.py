@@ -91,3 +91,25 @@ def torch_logits(directory: pathlib.Path, tokens: np.ndarray, adapter: pathlib.P
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+# Where the README's main job leaves its pretrained base, relative to a clone.
+QUICK_BASE = "experiments/results/finetune_study/quick/base"
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+
+
+def clone_after_main_job(tmp: pathlib.Path) -> pathlib.Path:
+    """A directory laid out like a clone after the README's main job, for running its blocks.
+
+    The base checkpoint at ``QUICK_BASE`` is a tiny random 2-layer Llama saved by
+    ``transformers``; ``../shared/data/tinyshakespeare.txt`` beside it links to the real file.
+    """
+    import pytest
+
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"needs {SHAKESPEARE}")
+    work = tmp / "clone"
+    make_checkpoint(work / QUICK_BASE, "llama")
+    (tmp / "shared" / "data").mkdir(parents=True)
+    (tmp / "shared" / "data" / "tinyshakespeare.txt").symlink_to(SHAKESPEARE)
+    return work

@@ -42,8 +42,6 @@ EXPECTED = {
     ("finetune.md", 2): r"restored step 0",
     ("finetune.md", 3): r"^/tmp/jax_cache$",
 }
-MODEL_DIR = "experiments/results/finetune_study/quick/base"
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def _workdir(page: str, tmp: pathlib.Path) -> pathlib.Path:
@@ -53,13 +51,7 @@ def _workdir(page: str, tmp: pathlib.Path) -> pathlib.Path:
         return ROOT
     from tests import hf_fixtures as fx
 
-    if not DATA.exists():
-        pytest.skip(f"needs {DATA}")
-    work = tmp / "clone"
-    fx.make_checkpoint(work / MODEL_DIR, "llama")
-    (tmp / "shared" / "data").mkdir(parents=True)
-    (tmp / "shared" / "data" / "tinyshakespeare.txt").symlink_to(DATA)
-    return work
+    return fx.clone_after_main_job(tmp)
 
 
 def _run(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import hf_fixtures as fx
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -115,23 +117,6 @@ def test_sharding_block_shards_and_matches_one_device() -> None:
 
 # ----------------------------------------------------------------- finetuning a checkpoint
 
-MODEL_DIR = "experiments/results/finetune_study/quick/base"
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def finetune_workdir(tmp: pathlib.Path) -> pathlib.Path:
-    """A directory laid out like a clone after the main job: the base checkpoint at MODEL_DIR
-    (here a tiny random Llama saved by ``transformers``) and ``../shared/data`` beside it."""
-    from tests import hf_fixtures as fx
-
-    if not DATA.exists():
-        pytest.skip(f"needs {DATA}")
-    work = tmp / "clone"
-    fx.make_checkpoint(work / MODEL_DIR, "llama")
-    (tmp / "shared" / "data").mkdir(parents=True)
-    (tmp / "shared" / "data" / "tinyshakespeare.txt").symlink_to(DATA)
-    return work
-
 
 def run_in(work: pathlib.Path, args: list[str]) -> str:
     out = subprocess.run(
@@ -149,7 +134,7 @@ def run_in(work: pathlib.Path, args: list[str]) -> str:
 
 @pytest.mark.parametrize("marker", [FINETUNE_NNX, FINETUNE_TUNIX], ids=["nnx", "tunix"])
 def test_finetune_quickstarts_train_a_checkpoint(tmp_path: pathlib.Path, marker: str) -> None:
-    work = finetune_workdir(tmp_path)
+    work = fx.clone_after_main_job(tmp_path)
     block = _block(marker)
     assert len(block.strip().splitlines()) <= 26, "the quickstart should stay short"
     first, last = _printed_losses(run_in(work, [sys.executable, "-c", block]))
@@ -157,9 +142,7 @@ def test_finetune_quickstarts_train_a_checkpoint(tmp_path: pathlib.Path, marker:
 
 
 def test_finetune_cli_block_writes_what_peft_loads(tmp_path: pathlib.Path) -> None:
-    from tests import hf_fixtures as fx
-
-    work = finetune_workdir(tmp_path)
+    work = fx.clone_after_main_job(tmp_path)
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     (cli,) = [b for b in blocks if "lora_muon_jax.finetune" in b]
     args = cli.replace("\\\n", " ").split()
@@ -167,6 +150,6 @@ def test_finetune_cli_block_writes_what_peft_loads(tmp_path: pathlib.Path) -> No
     out_dir = pathlib.Path(args[args.index("--out") + 1])
     run_in(work, [sys.executable, *args[1:]])
     tokens = fx.tokens()
-    with_adapter = fx.torch_logits(work / MODEL_DIR, tokens, adapter=out_dir / "adapter")
+    with_adapter = fx.torch_logits(work / fx.QUICK_BASE, tokens, adapter=out_dir / "adapter")
     merged = fx.torch_logits(out_dir / "merged", tokens)
     np.testing.assert_allclose(with_adapter, merged, rtol=0, atol=2e-5)
