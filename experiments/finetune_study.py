@@ -70,7 +70,7 @@ from lora_muon_jax import (
     finetune,
     lora_muon,
 )
-from lora_muon_jax.finetune import adapt, learning_rate_schedule, loss_fn
+from lora_muon_jax.finetune import adapt, eval_loss, learning_rate_schedule, loss_fn
 from lora_muon_jax.hf import load_pretrained
 from lora_muon_jax.hf import text as text_lib
 from lora_muon_jax.hf.checkpoint import hf_tensors, save_pretrained
@@ -250,13 +250,8 @@ def train_step(
     return loss
 
 
-@nnx.jit
-def window_loss(model: CausalLM, windows: jax.Array) -> jax.Array:
-    return loss_fn(model, windows)
-
-
 def evaluate(model: CausalLM, windows: np.ndarray) -> float:
-    return float(np.mean([float(window_loss(model, jnp.asarray(w))) for w in np.split(windows, 4)]))
+    return float(np.mean([float(eval_loss(model, jnp.asarray(w))) for w in np.split(windows, 4)]))
 
 
 def build(base: pathlib.Path, name: str, rank: int, seed: int) -> tuple[CausalLM, nnx.Optimizer]:
