@@ -32,6 +32,16 @@ from lora_muon_jax._lora_muon import (
     scale_by_lora_muon,
     scale_by_split_weight_decay,
 )
+from lora_muon_jax._lora_muon_ogd import (
+    BASIS_MODES,
+    OGDBasis,
+    ScaleByLoRAMuonOGDState,
+    lora_muon_ogd,
+    lora_muon_ogd_direction,
+    ogd_bases_from_delta,
+    scale_by_lora_muon_ogd,
+    update_ogd_bases,
+)
 from lora_muon_jax._pairs import (
     LoRADimensionNumbers,
     LoRAPair,
@@ -48,15 +58,18 @@ from lora_muon_jax.diagnostics import PairDiagnostics, pair_diagnostics
 __version__ = "0.1.0"
 
 __all__ = [
+    "BASIS_MODES",
     "DECAY_RULES",
     "METHODS",
     "FactorPair",
     "LoRADimensionNumbers",
     "LoRAPair",
     "Method",
+    "OGDBasis",
     "PairDiagnostics",
     "PairDirection",
     "PairName",
+    "ScaleByLoRAMuonOGDState",
     "ScaleByLoRAMuonState",
     "ScaleBySplitWeightDecayState",
     "default_pair_rule",
@@ -65,13 +78,18 @@ __all__ = [
     "lora_muon",
     "lora_muon_direction",
     "lora_muon_directions",
+    "lora_muon_ogd",
+    "lora_muon_ogd_direction",
     "lora_param_labels",
     "matrix_sign",
     "maxtext_dimension_numbers",
+    "ogd_bases_from_delta",
     "pair_diagnostics",
     "scale_by_lora_muon",
+    "scale_by_lora_muon_ogd",
     "scale_by_pair_direction",
     "scale_by_split_weight_decay",
+    "update_ogd_bases",
     "with_gauge_rebalancing",
 ]
 
