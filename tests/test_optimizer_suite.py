@@ -438,7 +438,8 @@ def test_stacked_pairs_equal_a_per_pair_loop(opt) -> None:
     optimizer, in a Python loop. Bitwise is not promised: a batched dot may sum
     in another order than the 2-D one, and lora_muon's exactness gate decides
     per stack (a robust form agrees with the fast one to 2e-5, README). Measured
-    here: equal to float32 rounding; tolerance 2e-5 relative.
+    here (relative to each pair's displacement): not bitwise, at most 7e-7
+    (lora_muon), 6e-7 (spectron), 2e-7 (lora_rite); tolerance 2e-5.
     """
     tree = _stacked_tree()
     grads = [_random_like(tree, 40 + t) for t in range(3)]
@@ -555,7 +556,7 @@ def test_float64_under_x64_matches_the_oracle() -> None:
     """Under x64 a float64 pair steps in float64: updates and momenta float64, counts int32.
 
     Against the float64 oracle over 3 steps. The "gram" step's iterations are
-    not float32-limited there; measured ~1e-9 relative, asserted at 1e-7.
+    not float32-limited there; measured 2e-8 to 4e-8 relative, asserted at 2e-7.
     """
     a, b = _factors(70, M, N, R)
     with jax.enable_x64(True):
@@ -576,8 +577,8 @@ def test_float64_under_x64_matches_the_oracle() -> None:
             assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(p))
     want = _oracle_trajectory(_muon_step, a, b, schedule, lr=LR, momentum=BETA, weight_decay=WD)
     for t, (p, (a_t, b_t, _, _)) in enumerate(zip(trajectory[1:], want[1:], strict=True)):
-        assert _rel(np.asarray(p["lora_a"]) - a, a_t - a) <= 1e-7, t
-        assert _rel(np.asarray(p["lora_b"]).T - b, b_t - b) <= 1e-7, t
+        assert _rel(np.asarray(p["lora_a"]) - a, a_t - a) <= 2e-7, t
+        assert _rel(np.asarray(p["lora_b"]).T - b, b_t - b) <= 2e-7, t
 
 
 # ----------------------------------------------------------------- the loss goes down
@@ -605,7 +606,7 @@ _WARMUP_COSINE = optax.warmup_cosine_decay_schedule(0.0, 0.1, 5, _STEPS)
 # (optimizer, regression problem options, required loss ratio final/initial). Each
 # option is exercised once (with "paper" where it does not depend on the method:
 # nesterov, rebalancing, decay and schedules live in the shared base). Measured
-# ratios are 3-30x below the required ones.
+# final/initial loss ratios: 0.047 (nesterov) to 0.22 (spectron); required <= 0.5.
 _LOSS_CASES = {
     "gram": (lambda: lora_muon(0.05), {}),
     "paper": (lambda: lora_muon(0.05, method="paper"), {}),
@@ -637,7 +638,7 @@ _LOSS_CASES = {
 
 @pytest.mark.parametrize("case", list(_LOSS_CASES))
 def test_the_loss_goes_down(case: str) -> None:
-    """40 steps on a small least-squares problem: the loss drops below a quarter of its start."""
+    """40 steps on a small least-squares problem: the loss ends below half of its start."""
     build, problem = _LOSS_CASES[case]
     loss, params = _regression(**problem)
     opt = build()
@@ -653,7 +654,7 @@ def test_the_loss_goes_down(case: str) -> None:
     curve = np.asarray(curve, np.float64)
     end = float(loss(final))
     assert np.all(np.isfinite(curve)) and np.isfinite(end)
-    assert end <= 0.25 * curve[0], (case, curve[0], end)
+    assert end <= 0.5 * curve[0], (case, curve[0], end)
 
 
 # ----------------------------------------------------------------- state dtypes
