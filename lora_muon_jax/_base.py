@@ -140,7 +140,7 @@ def scale_by_pair_direction(
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
     allow_no_pairs: bool = True,
-    check_pairs: Callable[[list[LoRAPair]], None] | None = None,
+    check_pairs: Callable[[list[LoRAPair], optax.Params], None] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EMA momenta of every factor, then ``direction`` per pair (no learning rate).
 
@@ -154,7 +154,7 @@ def scale_by_pair_direction(
     ``update`` needs ``params`` and checks that the gradients have their shapes.
 
     ``init`` raises on a tree with leaves but no pair unless ``allow_no_pairs``,
-    then calls ``check_pairs(pairs)`` (an optimizer's own checks). A static
+    then calls ``check_pairs(pairs, params)`` (an optimizer's own checks). A static
     ``momentum`` (a Python or NumPy number) must be finite and in [0, 1); a
     traced one (an array, ``inject_hyperparams``) outside that range makes the
     step a no-op: zero directions, momenta and ``extra`` unchanged.
@@ -168,7 +168,7 @@ def scale_by_pair_direction(
         if not pairs and not allow_no_pairs and _checks.should_have_pairs(params):
             raise _checks.no_pairs_error(f"{name}.init", params, "allow_no_pairs=True")
         if check_pairs is not None:
-            check_pairs(pairs)
+            check_pairs(pairs, params)
         return state_type(
             jnp.zeros([], jnp.int32),
             optax.tree.zeros_like(params, dtype=mu_dtype),

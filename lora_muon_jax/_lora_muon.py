@@ -21,18 +21,25 @@ Reference: Cesista, Crowson, Simal, Biderman, "LoRA-Muon: Spectral Steepest
 Descent on the Low-Rank Manifold", arXiv:2606.12921, 2026.
 """
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _base, _checks, _deprecation, _direction, _pairs, _rebalance, _stacking
+from lora_muon_jax import (
+    _base,
+    _checks,
+    _deprecation,
+    _direction,
+    _pairs,
+    _rebalance,
+    _scales,
+    _stacking,
+)
 from lora_muon_jax._direction import FactorPair, Method
 from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
 
-LoRAScale = float | jax.Array | Callable[[str], float]
+LoRAScale = _scales.LoRAScale
 
 
 class ScaleByLoRAMuonState(NamedTuple):
@@ -46,39 +53,6 @@ class ScaleBySplitWeightDecayState(NamedTuple):
     """State of ``scale_by_split_weight_decay``."""
 
     count: jax.Array  # int32[], step index for the learning-rate schedule
-
-
-def _half_step(lora_scale: LoRAScale, pair: LoRAPair) -> jax.Array:
-    """``1 / (2α)`` for ``pair`` as float32.
-
-    A static α was checked when the optimizer was built (a number) or at
-    ``init`` (a callable's number); a traced α that is not finite and > 0
-    gives 0, i.e. a zero direction for that pair (never an infinite one).
-    """
-    value = lora_scale(pair.name) if callable(lora_scale) else lora_scale
-    alpha = jnp.asarray(value, jnp.float32)
-    if _checks.static_number(value) is not None:
-        return 0.5 / alpha
-    ok = _checks.valid(alpha, "positive")
-    return jnp.where(ok, 0.5 / jnp.where(ok, alpha, 1.0), 0.0)
-
-
-def _pair_scale_checker(lora_scale: LoRAScale, where: str) -> Callable[[list[LoRAPair]], None]:
-    """At ``init``: a callable ``lora_scale`` must give every pair a finite number > 0."""
-
-    def check(pairs: list[LoRAPair]) -> None:
-        if not callable(lora_scale):
-            return
-        for p in pairs:
-            value = lora_scale(p.name)
-            if isinstance(value, jax.Array):
-                continue  # traced: checked at run time (_half_step)
-            at = f"{where}: pair {p.name} (lora_a {'/'.join(p.a_path)})"
-            if _checks.static_number(value) is None:
-                raise TypeError(f"{at}: lora_scale must return a number, got {value!r}")
-            _checks.check_static(at, "lora_scale", value, "positive")
-
-    return check
 
 
 def _stack_key(v: FactorPair) -> tuple[Any, ...]:
@@ -128,7 +102,7 @@ def _lora_muon_pair_directions(method: Method, lora_scale: LoRAScale) -> _base.P
         for p, (u_a, u_b) in zip(
             pairs, _stacked_directions([view(p) for p in pairs], method), strict=True
         ):
-            half = _half_step(lora_scale, p)
+            half = _scales.half_step(lora_scale, p)
             for index, u, role in ((p.a_index, u_a, "a"), (p.b_index, u_b, "b")):
                 # The unit direction stays in the compute dtype (float32 for
                 # half-precision factors): it can exceed float16's range where
@@ -213,7 +187,7 @@ def scale_by_lora_muon(
         pair_rule=pair_rule,
         dimension_numbers=dimension_numbers,
         allow_no_pairs=allow_no_pairs,
-        check_pairs=_pair_scale_checker(lora_scale, f"{name}.init"),
+        check_pairs=_scales.pair_scale_checker(lora_scale, f"{name}.init"),
     )
 
 

@@ -352,6 +352,98 @@ def test_inject_hyperparams_with_lora_scale_fn_of_an_nnx_model() -> None:
     assert optimizer.opt_state is not None
 
 
+# ----------------------------------------------------------------- declared LoRA scale
+
+
+def _lorafied(alpha: float, rank: int):
+    from flax import nnx
+
+    from lora_muon_jax.flax.surgery import lorafy
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.up = nnx.Linear(8, 16, rngs=rngs)
+            self.down = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.relu(self.up(x)))
+
+    model = lorafy(Mlp(nnx.Rngs(0)), "up|down", rank=rank, alpha=alpha, rngs=nnx.Rngs(1))
+    # lora_b starts at zero: give it values so the tangent halves are both defined.
+    for layer in (model.up, model.down):
+        shape = layer.lora_b.shape
+        layer.lora_b[...] = jax.random.normal(jax.random.key(2), shape) * 0.1
+    return model
+
+
+def test_a_declared_lora_scale_that_the_optimizer_lacks_raises() -> None:
+    from flax import nnx
+
+    model = _lorafied(alpha=32.0, rank=2)  # s = 16
+    with pytest.raises(
+        ValueError, match=r"\['down'\].*declares lora_scale=16\.0.*given lora_scale=1\.0.*16x"
+    ):
+        nnx.Optimizer(model, lora_muon(0.1), wrt=nnx.LoRAParam)
+    with pytest.raises(ValueError, match=r"declares lora_scale=16\.0.*given lora_scale=2\.0"):
+        nnx.Optimizer(
+            model,
+            optax.inject_hyperparams(lora_muon)(learning_rate=0.1, lora_scale=2.0),
+            wrt=nnx.LoRAParam,
+        )
+    nnx.Optimizer(model, lora_muon(0.1, lora_scale=16.0), wrt=nnx.LoRAParam)  # agrees
+
+
+def test_the_declared_scale_gives_halves_of_eta_over_two_on_w() -> None:
+    """With ``lora_scale_fn(model)`` each tangent half of the step on W = s A Bᵀ is η/2."""
+    from flax import nnx
+
+    from lora_muon_jax.flax.nnx import lora_scale_fn
+
+    eta, s = 0.1, 16.0
+    model = _lorafied(alpha=32.0, rank=2)
+    optimizer = nnx.Optimizer(
+        model, lora_muon(eta, weight_decay=0.0, lora_scale=lora_scale_fn(model)), wrt=nnx.LoRAParam
+    )
+    before = {
+        k: (
+            np.asarray(getattr(model, k).lora_a[...], np.float64),
+            np.asarray(getattr(model, k).lora_b[...], np.float64),
+        )
+        for k in ("up", "down")
+    }
+    x = jax.random.normal(jax.random.key(3), (5, 8))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    for k, (a, b) in before.items():
+        da = np.asarray(getattr(model, k).lora_a[...], np.float64) - a
+        db = np.asarray(getattr(model, k).lora_b[...], np.float64) - b
+        # nnx layout: lora_a (in, r), lora_b (r, out); W's change is s(ΔA B + A ΔB).
+        for half in (s * da @ b, s * a @ db):
+            # the documented float32 trust region: η/2 within 1e-3 (tests/test_trust_region.py)
+            np.testing.assert_allclose(np.linalg.norm(half, ord=2), eta / 2, rtol=1e-3)
+
+
+def test_lora_a_and_lora_b_declaring_different_scales_raise() -> None:
+    from flax import nnx
+
+    params = {
+        "lora_a": nnx.LoRAParam(jnp.ones((8, 2)), lora_scale=2.0),
+        "lora_b": nnx.LoRAParam(jnp.ones((2, 4)), lora_scale=4.0),
+    }
+    with pytest.raises(
+        ValueError, match=re.escape("lora_a declares lora_scale=2.0 but lora_b declares 4.0")
+    ):
+        lora_muon(0.1, lora_scale=2.0).init(params)
+
+
+def test_plain_arrays_declare_no_scale() -> None:
+    """The check needs the Variables' metadata: ``nnx.as_pure`` trees are not checked."""
+    from flax import nnx
+
+    model = _lorafied(alpha=32.0, rank=2)
+    lora_muon(0.1).init(nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
+
+
 # ----------------------------------------------------------------- shapes
 
 

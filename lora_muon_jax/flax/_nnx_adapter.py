@@ -136,13 +136,16 @@ class LoRAAdapter(nnx.Module):
         out_names = _inherited_names(kernel, tuple(a + stacked for a in spec.output_axes))
         self.lora_a = lora_param_type(
             batched_init(a_init, rngs.params(), batch_shape, spec.a_shape[nb:], dtype),
-            **sharding_metadata(None if a_names is None else (*a_names, None), a_metadata),
+            **sharding_metadata(
+                None if a_names is None else (*a_names, None), a_metadata, self.lora_scale
+            ),
         )
         self.lora_b = lora_param_type(
             batched_init(b_init, rngs.params(), batch_shape, spec.b_shape[nb:], dtype),
             **sharding_metadata(
                 None if b_names is None or out_names is None else (*b_names, None, *out_names),
                 b_metadata,
+                self.lora_scale,
             ),
         )
 

@@ -23,9 +23,15 @@ def flat_init(init: Initializer, flat_shape: tuple[int, ...]) -> Initializer:
 
 
 def sharding_metadata(
-    names: Sequence[str | None] | None, extra: Mapping[str, Any] | None = None
+    names: Sequence[str | None] | None,
+    extra: Mapping[str, Any] | None = None,
+    lora_scale: float | None = None,
 ) -> dict[str, Any]:
-    out = {} if names is None else {"out_sharding": tuple(names)}
+    """Variable metadata: ``out_sharding`` from ``names``, a factor's declared
+    ``lora_scale`` (read by ``lora_muon`` at ``init``), then ``extra``."""
+    out: dict[str, Any] = {} if names is None else {"out_sharding": tuple(names)}
+    if lora_scale is not None:
+        out["lora_scale"] = float(lora_scale)
     return {**out, **dict(extra or {})}
 
 

@@ -160,11 +160,15 @@ class LoRALinearGeneral(nnx.Module):
         b_init = flat_init(lora_b_init or _common.default_lora_b_init(init_mode), (rank, n))
         self.lora_a = lora_param_type(
             a_init(rngs.params(), (*in_shape, rank), param_dtype),
-            **sharding_metadata(None if in_names is None else (*in_names, None), a_metadata),
+            **sharding_metadata(
+                None if in_names is None else (*in_names, None), a_metadata, self.lora_scale
+            ),
         )
         self.lora_b = lora_param_type(
             b_init(rngs.params(), (rank, *out_shape), param_dtype),
-            **sharding_metadata(None if out_names is None else (None, *out_names), b_metadata),
+            **sharding_metadata(
+                None if out_names is None else (None, *out_names), b_metadata, self.lora_scale
+            ),
         )
         self.kernel = nnx.data(None)
         if init_mode == "standard":
