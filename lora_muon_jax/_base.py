@@ -160,6 +160,7 @@ def scale_by_pair_direction(
     step a no-op: zero directions, momenta and ``extra`` unchanged.
     """
     static_momentum = _checks.check_static(name, "momentum", momentum, "momentum")
+    _checks.check_mu_dtype(name, mu_dtype)
 
     def init_fn(params: optax.Params) -> Any:
         pairs = resolve_all_pairs(

@@ -60,6 +60,27 @@ def check_static(where: str, name: str, value: Any, domain: Domain) -> float | N
     return number
 
 
+def check_mu_dtype(where: str, mu_dtype: Any) -> None:
+    """``mu_dtype`` must be ``None`` or a floating dtype (integer momenta truncate the EMA)."""
+    if mu_dtype is None:
+        return
+    try:
+        dtype = jnp.dtype(mu_dtype)
+    except TypeError as e:
+        raise TypeError(f"{where}: mu_dtype={mu_dtype!r} is not a dtype") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{where}: mu_dtype must be a floating dtype (or None), got {dtype}")
+
+
+def check_positive_int(where: str, name: str, value: Any) -> int:
+    """``value`` as an int ≥ 1 (a Python or NumPy integer), else ``ValueError``/``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def shown(value: Any) -> str:
     """A number as the message shows it: a Python number as is, a NumPy one as its float."""
     number = static_number(value)

@@ -197,32 +197,17 @@ def test_dense_muon_rejects_bad_static_hyperparameters(kwargs, name, shown) -> N
     _check_rejected(dense_muon, kwargs, name, shown)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: dense_muon does not validate a static momentum (scale_by_dense_muon does not "
-    "call _checks.check_static; momentum=1.0 freezes M at 0, 1.5 or NaN diverge)",
-)
 @pytest.mark.parametrize(("kwargs", "name", "shown"), _BAD_MOMENTA)
 def test_dense_muon_rejects_a_bad_static_momentum(kwargs, name, shown) -> None:
     _check_rejected(dense_muon, kwargs, name, shown)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: spectron accepts power_iterations that is not an int >= 1 (jax.lax.scan "
-    "silently runs -1 or 2.5 iterations as some other count)",
-)
 @pytest.mark.parametrize("iterations", [-1, 2.5])
 def test_spectron_rejects_bad_power_iterations(iterations) -> None:
     with pytest.raises((ValueError, TypeError), match="power_iterations"):
         spectron(0.1, power_iterations=iterations)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an integer mu_dtype is accepted; the momenta are truncated to integers and "
-    "the step is silently zero (or a sign pattern)",
-)
 def test_an_integer_mu_dtype_is_rejected() -> None:
     params = _pair(*_factors(0, 8, 6, 2))
     with pytest.raises((ValueError, TypeError), match="mu_dtype"):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _base
+from lora_muon_jax import _base, _checks
 from lora_muon_jax._polar import matrix_sign
 
 F32 = jnp.float32
@@ -67,6 +67,8 @@ def scale_by_dense_muon(
     Returns:
       An ``optax.GradientTransformation``; ``update`` returns the gradients' dtypes.
     """
+    _checks.check_static("scale_by_dense_muon", "momentum", momentum, "momentum")
+    _checks.check_mu_dtype("scale_by_dense_muon", mu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByDenseMuonState:
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):

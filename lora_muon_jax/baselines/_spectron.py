@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_muon_jax import _base, _pairs
+from lora_muon_jax import _base, _checks, _pairs
 from lora_muon_jax._polar import matrix_sign
 from lora_muon_jax.baselines._dense_muon import scale_by_decoupled_step
 
@@ -93,6 +93,10 @@ def scale_by_spectron(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
     """
+
+    power_iterations = _checks.check_positive_int(
+        "scale_by_spectron", "power_iterations", power_iterations
+    )
 
     def init_extra(pairs: list[_pairs.LoRAPair]) -> tuple[Any, ...]:
         vectors = []
