@@ -27,9 +27,13 @@ What it does:
 * batches: the global batch of step t is a pure function of (seed, t) over the
   tokenized text (the checkpoint's ``tokenizer.json``, else bytes); each process
   builds only its devices' rows (``jax.make_array_from_callback``);
-* orbax checkpoints of adapters + optimizer (``checkpoint.save_nnx``, async) every
-  ``ckpt_every`` steps; a ``--ckpt_dir`` with a checkpoint in it resumes from the
-  latest (``checkpoint.restore_nnx``, onto whatever mesh this run has);
+* orbax checkpoints of adapters + optimizer (``checkpoint.save_nnx``, async, with
+  per-array content checksums) every ``ckpt_every`` steps; a ``--ckpt_dir`` with a
+  checkpoint in it resumes from the newest one that verifies
+  (``checkpoint.restore_latest_intact``, onto whatever mesh this run has): a
+  corrupt or truncated newest checkpoint is reported (step, why) and skipped for
+  the next older one (the corrupt ones are deleted: this run writes those steps
+  again), and with none intact the run starts from scratch, saying so;
 * at the end, with ``--out``: the PEFT adapter (``OUT/adapter``) and, with
   ``--merged``, the merged HF checkpoint (``OUT/merged``), written by process 0;
 * logs (process 0): step, loss, step time, tokens/s; ``--metrics`` appends JSONL.
@@ -202,7 +206,14 @@ def train(args: argparse.Namespace, config: dict[str, Any]) -> int:
             max_to_keep=tcfg.get("max_to_keep", 3),
             save_interval_steps=tcfg["ckpt_every"],
         )
-        start = checkpoint.restore_nnx(manager, model, optimizer) or 0
+        # The newest checkpoint that verifies; newer ones that fail are reported and deleted
+        # (orbax saves no step at or below the newest on disk; this run writes them again).
+        start = (
+            checkpoint.restore_latest_intact(
+                manager, model, optimizer, log=log, delete_corrupt=True
+            )
+            or 0
+        )
         if start:
             log(f"resumed from step {start} in {args.ckpt_dir}")
         batch_size, seq = tcfg["global_batch"], mcfg["seq_len"]
