@@ -522,9 +522,12 @@ def _run_optimizer_case(case: dict[str, Any]) -> None:
             # gauge rebalancing leaves W unchanged.
             got_a, got_b = factors(ps[2], i)
             want = a @ b.T - w0
-            tol = {"gram": 1e-4, "paper": 5e-3}[method] + floor / max(np.linalg.norm(want), 1e-300)
-            err = _rel(got_a @ got_b.T - w0, want)
-            assert err <= tol, (err, tol)
+            # Where the storage floor is not well below the step, nothing is resolvable
+            # (found by the long run: B at 1e17, where float64 itself rounds the step away).
+            if floor < 0.1 * np.linalg.norm(want):
+                tol = {"gram": 1e-4, "paper": 5e-3}[method] + floor / np.linalg.norm(want)
+                err = _rel(got_a @ got_b.T - w0, want)
+                assert err <= tol, (err, tol)
 
 
 @seed(SEED)
@@ -543,6 +546,18 @@ def _run_optimizer_case(case: dict[str, Any]) -> None:
         "specs": [Spec("full", 10, 0.5, 1), Spec("full", -10, 0.5, 1)] + [_FULL] * 4,
     }
 )
+# Found by the long run (a test bug): B at 1e17, where even float64 rounds the step of W
+# away; the oracle check now needs the storage floor well below the step.
+@example(
+    {
+        "shape": (12, 1, 1),
+        "dtype": "float32",
+        "batch": 0,
+        "config": ("gram", False, False, 1.0, 0.0),
+        "seed": 0,
+        "specs": [_FULL, Spec("full", 17, 0.0, 1)] + [_FULL] * 4,
+    }
+)
 def test_optimizer_properties(case: dict[str, Any]) -> None:
     _run_optimizer_case(case)
 
@@ -551,11 +566,12 @@ def test_optimizer_properties(case: dict[str, Any]) -> None:
 def test_rank_one_partner_at_r64_null_space() -> None:
     # Found by the long run, not fixed: for B of exact rank 1 with r = 64, U_A has ~10 % of
     # its norm along B's 63-dimensional null space (the oracle: none), so it fails the 5e-2
-    # rank-deficient tolerance (measured 1.1e-2 at r = 16). That part is invisible to the
-    # step of W (U_A Bᵀ, and the half, are exact to ~1e-5); it moves A along directions
-    # that change W only at second order. Root cause: the whitener's three shifted stages
-    # (ε = 1e-2) amplify B's null space ~1e3×, and the r×r rounding of the polar filter
-    # (~1e-7 of τ^{-1/2}) that should cancel it there survives that gain.
+    # rank-deficient tolerance (measured 1.1e-2 at r = 16). Here that part is invisible to
+    # the step of W (U_A Bᵀ and the half are exact to ~1e-5); with an ill-conditioned
+    # momentum (κ(M) = 1e6, seed 1 of the long run) it also reaches the step of W (6 %).
+    # Root cause: the whitener's three shifted stages (ε = 1e-2) amplify B's null space
+    # ~1e3×, and the r×r rounding of the polar filter (~1e-7 of τ^{-1/2}) that should
+    # cancel it there survives that gain: L keeps a null-space part that M L then mixes in.
     _run_direction(
         _case((72, 64, 64), "float32", "gram", _FULL, Spec("dup", 0, 0.0, 1), _FULL, _FULL)
     )
