@@ -64,6 +64,11 @@ def check_mu_dtype(where: str, mu_dtype: Any) -> None:
     """``mu_dtype`` must be ``None`` or a floating dtype (integer momenta truncate the EMA)."""
     if mu_dtype is None:
         return
+    if isinstance(mu_dtype, jax.Array):  # optax.inject_hyperparams called the dtype with the step
+        raise TypeError(
+            f"{where}: mu_dtype is an array ({mu_dtype!r}), not a dtype; under "
+            "optax.inject_hyperparams name it in static_args=('mu_dtype',)"
+        )
     try:
         dtype = jnp.dtype(mu_dtype)
     except TypeError as e:

@@ -309,7 +309,9 @@ def lora_muon(
       rebalance: after each step, rescale every pair to ``(c A, B / c)`` with
         ``‖c A‖₂ = ‖B / c‖₂`` and its momenta to ``(M_A / c, c M_B)`` (the
         paper's Algorithm 2). W, the step and the trajectory of W are
-        unchanged (gauge invariance); off by default.
+        unchanged (gauge invariance); off by default. ``c`` is clipped per
+        step to [√ε, 1/√ε] of the factors' dtype (``_rebalance.max_log_gauge``),
+        so pairs more than 1/ε apart balance over a few steps.
       allow_no_pairs: accept a tree with no LoRA pair (every leaf then goes
         to the fallback); by default ``init`` raises, since that is almost
         always a naming or ``wrt=`` mistake.

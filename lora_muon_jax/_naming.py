@@ -68,6 +68,12 @@ def default_pair_rule(path: tuple[str, ...]) -> PairMatch | None:
       rank axes: ``lora_A (r, in)``, ``lora_B (out, r)``), ``None`` for any
       other leaf. Leaves with equal groups form a pair.
     """
+    if not isinstance(path, tuple):
+        # optax.inject_hyperparams calls every callable not in static_args with the step.
+        raise TypeError(
+            f"default_pair_rule takes a leaf's key path (a tuple of str), got {path!r}; under "
+            "optax.inject_hyperparams name it in static_args=('pair_rule',)"
+        )
     if not path:
         return None
     *parent, leaf = path

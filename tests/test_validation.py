@@ -24,6 +24,7 @@ import optax
 import pytest
 
 from lora_muon_jax import (
+    default_pair_rule,
     lora_muon,
     scale_by_lora_muon,
     scale_by_split_weight_decay,
@@ -327,6 +328,21 @@ def test_inject_hyperparams_with_a_scale_map_needs_static_args() -> None:
     state = tx.init(params)
     updates, _ = jax.jit(tx.update)(grads_for(params), state, params)
     (expected,), _, _ = steps(lora_muon(0.1, lora_scale=scales), params, 1)
+    assert_trees_equal(updates, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"pair_rule": default_pair_rule}, "pair_rule"), ({"mu_dtype": jnp.bfloat16}, "mu_dtype")],
+)
+def test_inject_hyperparams_with_a_callable_option_needs_static_args(kwargs, named) -> None:
+    """optax calls every callable not in ``static_args`` as a schedule: never a silent default."""
+    params = pair_params()
+    with pytest.raises(TypeError, match=re.escape(f"static_args=('{named}',)")):
+        optax.inject_hyperparams(lora_muon)(learning_rate=0.1, **kwargs).init(params)
+    tx = optax.inject_hyperparams(lora_muon, static_args=(named,))(learning_rate=0.1, **kwargs)
+    updates, _ = tx.update(grads_for(params), tx.init(params), params)
+    (expected,), _, _ = steps(lora_muon(0.1, **kwargs), params, 1)
     assert_trees_equal(updates, expected, rtol=1e-6)
 
 
