@@ -29,7 +29,11 @@ count computes the same value, each device hashing only its own shards.
 and both checksums; a file orbax cannot read (truncated, missing) raises it too,
 naming the step and directory. ``restore_latest_intact`` falls back to the
 newest checkpoint that verifies. Checkpoints written before the checksums
-existed restore with a ``UserWarning`` (unverified).
+existed restore with a ``UserWarning`` (unverified). On several hosts every
+verdict is shared (a failure on one process fails the step on all, so all fall
+back alike); a read error that only some processes hit first waits out orbax's
+own end-of-restore barrier, which has not been exercised here (the multi-process
+test, ``tests/test_tpu_entry.py``, covers intact checkpoints only).
 
 Flax NNX training state (``nnx.Optimizer`` + model) has its own pair,
 ``save_nnx`` / ``restore_nnx``: they save plain nested dicts of arrays
@@ -78,7 +82,7 @@ _STATE_ITEM = "default"
 _CHECKSUMS_ITEM = "checksums"
 # Bump when the hash changes: a checkpoint of another format is refused, not misverified.
 CHECKSUM_FORMAT = "lora_muon_jax.checkpoint/fmix32-sum-2x32/1"
-# MurmurHash3's 32-bit finalizer (Appleyard, public domain) and the golden-ratio
+# MurmurHash3's 32-bit finalizer (Austin Appleby, public domain) and the golden-ratio
 # increment; two lanes seeded with hex digits of pi make a 64-bit checksum.
 _FMIX_MUL = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 _GOLDEN = np.uint32(0x9E3779B9)
@@ -103,6 +107,10 @@ def checkpoint_manager(
     enable_async: bool = True,
 ) -> ocp.CheckpointManager:
     """A ``CheckpointManager`` for ``save``/``restore`` (one per process, same directory).
+
+    Each step holds two orbax items: ``default`` (the state, ``StandardCheckpointHandler``;
+    the name orbax gives a single item, so older single-item checkpoints restore) and
+    ``checksums`` (JSON). ``save``/``restore`` and the NNX pair need a manager made here.
 
     Args:
       directory: absolute path (local, NFS or ``gs://``); created if missing.
@@ -247,15 +255,25 @@ def _brief(err: BaseException) -> str:
 
 
 def _agreed(failure: str | None) -> str | None:
-    """Every process's verdict: a failure on any process is a failure on all (same fallback)."""
+    """Every process's verdict: a failure on any process is a failure on all (same fallback).
+
+    With several processes the failures' first 1000 bytes are all-gathered, so
+    every process reports the first failing process's reason.
+    """
     if jax.process_count() == 1:
         return failure
     from jax.experimental import multihost_utils
 
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
-    if failure is None and flags.any():
-        return f"process {int(np.argmax(flags))} could not read it (see that process's log)"
-    return failure
+    mine = np.zeros(1000, np.uint8)
+    text = (failure or "").encode()[:1000]
+    mine[: len(text)] = np.frombuffer(text, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 1000)
+    if failure is not None:
+        return failure
+    for process, row in enumerate(everyone):
+        if row.any():
+            return f"(on process {process}) {bytes(row).rstrip(bytes(1)).decode(errors='replace')}"
+    return None
 
 
 def _where(manager: ocp.CheckpointManager, step: int) -> str:

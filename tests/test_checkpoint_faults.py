@@ -174,8 +174,8 @@ def test_checksums_ignore_sharding_and_see_every_element() -> None:
         assert a["dtype"] == jnp.dtype(dtype).name and a["checksum"] != b["checksum"], dtype
 
 
-def _tiny(rank: int = 2):  # type: ignore[no-untyped-def]
-    """The kill test's model (below), built in this process: no training, so no compiling."""
+def _tiny(rank: int = 2, steps: int = 4):  # type: ignore[no-untyped-def]
+    """A tiny LoRA'd Llama-shaped ``CausalLM`` (random init, no HF files) and its lora_muon."""
     from flax import nnx
 
     from lora_muon_jax.finetune import adapt, make_optimizer
@@ -196,7 +196,7 @@ def _tiny(rank: int = 2):  # type: ignore[no-untyped-def]
     )
     model = CausalLM(config, rngs=nnx.Rngs(0))
     adapt(model, rank=rank, alpha=2.0 * rank, targets=("q_proj", "v_proj"), seed=0)
-    tx = make_optimizer("lora_muon", 0.05, 4, model)
+    tx = make_optimizer("lora_muon", 0.05, steps, model)
     return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
 
@@ -220,6 +220,7 @@ def test_corrupt_newest_falls_back_to_the_newest_intact(tmp_path: Path) -> None:
         state = nnx.state(model, nnx.LoRAParam)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x + 1.0, nnx.to_pure_dict(state)))
         nnx.update(model, state)
+        optimizer.step[...] = jnp.asarray(10 * step, optimizer.step[...].dtype)
         assert lmc.save_nnx(manager, step, model, optimizer)
         saved[step] = _factors(model)
     # Step 3: another checksum recorded for one factor. Step 2: its data files cut short.
@@ -232,7 +233,6 @@ def test_corrupt_newest_falls_back_to_the_newest_intact(tmp_path: Path) -> None:
         data.write_bytes(data.read_bytes()[:-7])
 
     fresh, fresh_opt = _tiny()
-    before = _factors(fresh)
     log: list[str] = []
     assert lmc.restore_latest_intact(manager, fresh, fresh_opt, log=log.append) == 1
     assert len(log) == 2, log
@@ -242,7 +242,7 @@ def test_corrupt_newest_falls_back_to_the_newest_intact(tmp_path: Path) -> None:
     got = _factors(fresh)
     for key, want in saved[1].items():
         np.testing.assert_array_equal(got[key], want, err_msg=key)
-    assert int(fresh_opt.step[...]) == 0  # step 1's optimizer state came back too
+    assert int(fresh_opt.step[...]) == 10  # step 1's optimizer state came back too
 
     # Not a fault: a model of another rank is refused, not "fallen back" past.
     other, other_opt = _tiny(rank=4)
@@ -254,7 +254,7 @@ def test_corrupt_newest_falls_back_to_the_newest_intact(tmp_path: Path) -> None:
     for data in _data_files(tmp_path / "1"):
         data.write_bytes(b"")
     log.clear()
-    fresh, fresh_opt = _tiny()
+    before = _factors(fresh)
     assert (
         lmc.restore_latest_intact(manager, fresh, fresh_opt, log=log.append, delete_corrupt=True)
         is None
@@ -269,9 +269,9 @@ def test_corrupt_newest_falls_back_to_the_newest_intact(tmp_path: Path) -> None:
     assert lmc.save_nnx(manager, 1, fresh, fresh_opt)  # the directory is usable again
 
 
-# A tiny LoRA'd Llama-shaped CausalLM (random init, no HF files), lora_muon, and a
-# loop that checkpoints every step with the package's own pieces. argv: directory,
-# steps, out.npz. Each step prints "step k" after its (asynchronous) save starts.
+# ``_tiny`` trained with the package's own pieces (``finetune.train_step``, ``save_nnx``
+# every step, asynchronous; ``restore_latest_intact`` at start). argv: directory,
+# steps, out.npz, repository root. Each step prints "step k" once its save has started.
 _LOOP = textwrap.dedent(
     """
     import sys
@@ -279,21 +279,13 @@ _LOOP = textwrap.dedent(
     import jax, numpy as np
     from flax import nnx
     from lora_muon_jax import checkpoint
-    from lora_muon_jax.finetune import adapt, make_optimizer, train_step
-    from lora_muon_jax.hf.config import DecoderConfig
-    from lora_muon_jax.hf.model import CausalLM
+    from lora_muon_jax.finetune import train_step
+    from tests.test_checkpoint_faults import _tiny
 
     directory, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    config = DecoderConfig(
-        model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-        num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-    )
 
     def build():
-        model = CausalLM(config, rngs=nnx.Rngs(0))
-        adapt(model, rank=2, alpha=4.0, targets=("q_proj", "v_proj"), seed=0)
-        tx = make_optimizer("lora_muon", 0.05, steps, model)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+        return _tiny(steps=steps)
 
     def batch(t):
         return np.random.default_rng(t).integers(0, 64, (4, 9), dtype=np.int32)
