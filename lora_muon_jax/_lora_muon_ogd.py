@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _base, _checks, _direction, _lora_muon, _pairs, _polar
+from lora_muon_jax import _base, _checks, _direction, _lora_muon, _pairs, _polar, _scales
 from lora_muon_jax._direction import FactorPair, Method
 from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
 
@@ -64,11 +64,19 @@ F32 = jnp.float32
 
 # ---------------------------------------------------------------- constants
 # Default dual steps per optimizer step and dimensionless dual step size σ.
-# Measured on random pairs (tests/test_lora_muon_ogd.py, docs/lora_muon_ogd.md):
-# from Λ = 0 the residual ‖UᵀΔWV‖ falls geometrically for σ up to ~0.5, and
-# with the warm start one dual step per optimizer step tracks it.
+# Measured (docs/lora_muon_ogd.md): within one step, from Λ = 0, the residual
+# ‖UᵀΔWV‖ contracts geometrically for σ ≲ 1 (σ = 0.5: ×0.55–0.8 per dual step)
+# when the shifted momenta are well conditioned; in training, where Λ is
+# warm-started over hundreds of steps and the momenta are rank-deficient
+# (the dual is nonsmooth there), σ = 0.003–0.01 protected past tasks best and
+# σ ≥ 0.05 did worse than no constraint (experiments/continual.py).
 DEFAULT_DUAL_STEPS = 2
-DEFAULT_DUAL_STEP_SIZE = 0.5
+DEFAULT_DUAL_STEP_SIZE = 0.01
+# Up to this many dual steps are unrolled; more run in a lax.scan (one copy of the
+# direction in the program, so compile time does not grow with J). Measured on CPU
+# (1024×1024, r = k = 16, a loaded 2-core machine): unrolled J = 2 costs about 2
+# LoRA-Muon directions, the scan about 4 (XLA does not fuse across the loop).
+UNROLL_MAX_DUAL_STEPS = 4
 # Bases passed to update_ogd_bases must have orthonormal (or zero) columns to
 # this absolute tolerance on every entry of UᵀU − diag(0/1) (float32 rounding
 # of a computed basis is ~1e-6).
@@ -173,22 +181,19 @@ def _ogd_directions(
         vb = _project(v, b, p.b_rank_first)  # VᵀB (N, k, r)
         prepared.append((dt, u, v, dual, a, b, ua, vb))
 
-    duals = [item[3] for item in prepared]
-    directions: list[tuple[jax.Array, jax.Array]] = []
-    residuals: list[jax.Array] = []
     sigma = jnp.asarray(dual_step_size, F32)
-    for _ in range(dual_steps):
-        shifted, momenta = [], []
+
+    def one_step(duals: list[jax.Array]) -> tuple[list[Any], list[jax.Array], list[jax.Array]]:
+        shifted = []
         for p, (dt, u, v, _, a, b, ua, vb), dual in zip(views, prepared, duals, strict=True):
             # G_W + U Λ Vᵀ:  M_A + U Λ̃ (VᵀB),  M_B + V Λ̃ᵀ (UᵀA).
             mu_a = p.mu_a.astype(dt) + _expand(u, _polar._mm(dual, vb), p.a_rank_first)
             mu_b = p.mu_b.astype(dt) + _expand(v, _polar._mm(_polar._mT(dual), ua), p.b_rank_first)
-            momenta.append((mu_a, mu_b))
             shifted.append(FactorPair(a, b, mu_a, mu_b, p.a_rank_first, p.b_rank_first))
         units = unit_directions(shifted)
         directions, residuals, new_duals = [], [], []
-        for p, (dt, u, v, _, _a, _b, ua, vb), dual, (mu_a, mu_b), (d_a, d_b) in zip(
-            views, prepared, duals, momenta, units, strict=True
+        for p, (dt, u, v, _, _a, _b, ua, vb), dual, (d_a, d_b) in zip(
+            views, prepared, duals, units, strict=True
         ):
             d_a, d_b = d_a.astype(dt), d_b.astype(dt)
             directions.append((d_a, d_b))
@@ -197,12 +202,30 @@ def _ogd_directions(
             vd = _project(v, d_b, p.b_rank_first)
             rho = -0.5 * (_polar._mm(ud, _polar._mT(vb)) + _polar._mm(ua, _polar._mT(vd)))
             r = p.a.shape[-2] if p.a_rank_first else p.a.shape[-1]
-            nu = (_inner(mu_a, d_a) + _inner(mu_b, d_b)) / (2.0 * r)
-            step = sigma.astype(dt) * nu[..., None, None] * rho
-            new = dual + step
+            # ν = (⟨M_A, D_A⟩ + ⟨M_B, D_B⟩) / 2r with the *unshifted* momenta: the
+            # first-order gain of the step per unit of η/2 (at Λ = 0 the mean singular
+            # value of the whitened momenta), so a growing Λ cannot feed back into ν.
+            gain = _inner(p.mu_a.astype(dt), d_a) + _inner(p.mu_b.astype(dt), d_b)
+            nu = jnp.maximum(gain, 0.0) / (2.0 * r)
+            new = dual + sigma.astype(dt) * nu[..., None, None] * rho
             new_duals.append(jnp.where(jnp.isfinite(new), new, dual))
             residuals.append(jnp.sqrt(jnp.sum(rho * rho, axis=(-2, -1))))
-        duals = new_duals
+        return directions, new_duals, residuals
+
+    duals = [item[3] for item in prepared]
+    if dual_steps <= UNROLL_MAX_DUAL_STEPS:
+        for _ in range(dual_steps):
+            directions, duals, residuals = one_step(duals)
+        return directions, duals, residuals
+
+    # A scan keeps one copy of the direction in the program whatever J is.
+    def body(carry: Any, _: None) -> tuple[Any, None]:
+        return one_step(carry[1]), None
+
+    shapes = jax.eval_shape(one_step, duals)
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    init = (init[0], duals, init[2])
+    (directions, duals, residuals), _ = jax.lax.scan(body, init, None, length=dual_steps)
     return directions, duals, residuals
 
 
@@ -275,7 +298,7 @@ def lora_muon_ogd_direction(
       >>> g_w = jax.random.normal(kg, (64, 32))
       >>> u = jnp.linalg.qr(jax.random.normal(ku, (64, 2)))[0]; v = jnp.eye(32, 2)
       >>> u_a, u_b, dual, res = lora_muon_ogd_direction(
-      ...     a, b, g_w @ b, g_w.T @ a, u, v, dual_steps=8)
+      ...     a, b, g_w @ b, g_w.T @ a, u, v, dual_steps=8, dual_step_size=0.5)
       >>> bool(res < 0.1), round(float(jnp.linalg.norm(u_a @ b.T, ord=2)), 3)
       (True, 1.0)
     """
@@ -454,6 +477,7 @@ def _basis_array(
 ) -> jax.Array:
     """A user's basis as (N, length, k): checks shape, finiteness and orthonormal columns."""
     x = jnp.asarray(x)
+    given = x.shape
     if x.ndim == 2 and n_batch == 1:
         x = x[None]
     if (
@@ -463,7 +487,7 @@ def _basis_array(
         or x.shape[-1] > capacity
     ):
         raise ValueError(
-            f"{where}: {side} has shape {x.shape}; expected (N={n_batch}, {length}, k) with "
+            f"{where}: {side} has shape {given}; expected (N={n_batch}, {length}, k) with "
             f"k <= num_bases={capacity} (or ({length}, k) for an unbatched pair)"
         )
     x = x.reshape((n_batch, length, x.shape[-1])).astype(_polar.compute_dtype(x.dtype))
@@ -585,7 +609,7 @@ def scale_by_lora_muon_ogd(
     nesterov: bool = False,
     method: Method = "gram",
     mu_dtype: Any = None,
-    lora_scale: _lora_muon.LoRAScale = 1.0,
+    lora_scale: _scales.LoRAScale = 1.0,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
     allow_no_pairs: bool = False,
@@ -611,10 +635,15 @@ def scale_by_lora_muon_ogd(
       dual_steps: J ≥ 1, primal solves (LoRA-Muon directions) per step: the
         step costs about J times LoRA-Muon's direction.
       dual_step_size: σ ≥ 0, **dimensionless**: a residual ``Uᵀ ΔW V`` of
-        size η moves Λ by σ times the mean singular value of the whitened
-        momenta. From Λ = 0 the residual contracts geometrically for
-        σ ≲ 0.5–1 (docs/lora_muon_ogd.md has the measured rates); larger σ
-        oscillates. A traced σ is allowed (``inject_hyperparams``).
+        size η moves Λ by σ times ν, the step's first-order gain per unit of
+        η/2 (``(⟨M_A, D_A⟩ + ⟨M_B, D_B⟩)/2r``, at Λ = 0 the mean singular
+        value of the whitened momenta). Within one step from Λ = 0 the
+        residual contracts geometrically for σ ≲ 1 on well-conditioned
+        momenta; warm-started through training on rank-deficient momenta,
+        σ = 0.003–0.01 protected past tasks best in our experiment and
+        σ ≥ 0.05 did worse than no constraint (docs/lora_muon_ogd.md). Tune
+        it with the learning rate. A traced σ is allowed
+        (``inject_hyperparams``).
       warm_start: keep Λ̃ across steps (default). Off: every step starts from
         Λ̃ = 0 (J must then be larger to reach the same residual).
       nesterov: Nesterov momentum.
@@ -637,10 +666,6 @@ def scale_by_lora_muon_ogd(
     _checks.check_static(name, "dual_step_size", dual_step_size, "nonnegative")
     _checks.check_static(name, "lora_scale", lora_scale, "positive")
     plain = _lora_muon._lora_muon_pair_directions(method, lora_scale)
-    scale_checker = _lora_muon._pair_scale_checker(lora_scale, f"{name}.init")
-
-    def check_pairs(pairs: list[LoRAPair], *rest: Any) -> None:
-        scale_checker(pairs, *rest)  # type: ignore[call-arg]
 
     def init_extra(pairs: list[LoRAPair]) -> tuple[Any, ...]:
         u, v, dual, residual = {}, {}, {}, {}
@@ -688,7 +713,7 @@ def scale_by_lora_muon_ogd(
         for p, key, (d_a, d_b), lam, res in zip(
             pairs, keys, directions, new_duals, residuals, strict=True
         ):
-            half = _lora_muon._half_step(lora_scale, p)
+            half = _scales.half_step(lora_scale, p)
             for index, d, role in ((p.a_index, d_a, "a"), (p.b_index, d_b, "b")):
                 out[index] = _pairs.from_matrix_view(d * half.astype(d.dtype), p, role)  # type: ignore[arg-type]
             new_dual[key] = lam.astype(F32)
@@ -707,7 +732,7 @@ def scale_by_lora_muon_ogd(
         pair_rule=pair_rule,
         dimension_numbers=dimension_numbers,
         allow_no_pairs=allow_no_pairs,
-        check_pairs=check_pairs,
+        check_pairs=_scales.pair_scale_checker(lora_scale, f"{name}.init"),
     )
 
 
@@ -723,7 +748,7 @@ def lora_muon_ogd(
     weight_decay: float | jax.Array = 0.0,
     method: Method = "gram",
     mu_dtype: Any = None,
-    lora_scale: _lora_muon.LoRAScale = 1.0,
+    lora_scale: _scales.LoRAScale = 1.0,
     pair_rule: PairRule | None = None,
     dimension_numbers: DimensionNumbersArg = None,
     fallback: optax.GradientTransformation | None = None,
