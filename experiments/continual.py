@@ -64,12 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_muon_jax
 from lora_muon_jax import (
+    ScaleByLoRAMuonOGDState,
     lora_muon,
     lora_muon_ogd,
     ogd_bases_from_delta,
     update_ogd_bases,
 )
-from lora_muon_jax._lora_muon_ogd import ScaleByLoRAMuonOGDState
 
 METHODS = ("lora_muon_ogd", "lora_muon", "adamw")
 # Reported at LoRA-Muon-OGD's selected point only (no tuning of its own): one dual step.

@@ -32,16 +32,15 @@ from lora_muon_jax._lora_muon import (
     scale_by_lora_muon,
     scale_by_split_weight_decay,
 )
-from lora_muon_jax._lora_muon_ogd import (
+from lora_muon_jax._lora_muon_ogd import lora_muon_ogd, scale_by_lora_muon_ogd
+from lora_muon_jax._ogd_bases import (
     BASIS_MODES,
     OGDBasis,
     ScaleByLoRAMuonOGDState,
-    lora_muon_ogd,
-    lora_muon_ogd_direction,
     ogd_bases_from_delta,
-    scale_by_lora_muon_ogd,
     update_ogd_bases,
 )
+from lora_muon_jax._ogd_direction import lora_muon_ogd_direction
 from lora_muon_jax._pairs import (
     LoRADimensionNumbers,
     LoRAPair,

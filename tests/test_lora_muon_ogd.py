@@ -26,6 +26,7 @@ import optax
 import pytest
 
 from lora_muon_jax import (
+    ScaleByLoRAMuonOGDState,
     lora_muon,
     lora_muon_ogd,
     lora_muon_ogd_direction,
@@ -33,7 +34,6 @@ from lora_muon_jax import (
     scale_by_lora_muon_ogd,
     update_ogd_bases,
 )
-from lora_muon_jax._lora_muon_ogd import ScaleByLoRAMuonOGDState
 
 # ---------------------------------------------------------------- oracle
 
