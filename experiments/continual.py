@@ -36,7 +36,7 @@ a piece whose file exists is skipped. Outputs: ``OUT/summary.csv``, ``OUT/grid.c
 
 Commands (measured numbers: docs/lora_muon_ogd.md):
 
-    .venv/bin/python experiments/continual.py                # ~10 min on 2 CPU cores
+    .venv/bin/python experiments/continual.py                # ~6 min on 2 CPU cores
     .venv/bin/python experiments/continual.py --quick --out /tmp/continual_quick
 
 Hardware: CPU (2 cores); float32; JAX on whatever device it finds.
