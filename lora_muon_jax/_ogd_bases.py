@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_muon_jax import _base, _checks, _pairs, _polar
+from lora_muon_jax import _checks, _pairs, _polar
 from lora_muon_jax._ogd_direction import check_int, project
 from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
 
@@ -128,7 +128,9 @@ def ogd_bases_from_delta(
     values are of ``A Bᵀ`` (multiply by α for ``α A Bᵀ``).
 
     Args:
-      params_now: the parameters after the task (any tree with LoRA pairs).
+      params_now: the parameters after the task: the same tree the optimizer
+        was initialised on (pair names must match its state's); leaves that
+        are not LoRA factors are ignored.
       params_start: the same tree before the task (e.g. ``lora_b = 0`` at init).
       num_bases: k ≥ 1, directions per pair (at most 2r are nonzero).
       rtol: singular values at or below ``rtol · σ_max`` (and columns beyond
@@ -152,7 +154,9 @@ def ogd_bases_from_delta(
     where = "ogd_bases_from_delta"
     num_bases = check_int(where, "num_bases", num_bases, 1)
     _checks.check_grads_match_params(where, params_start, params_now)
-    pairs = _base.resolve_all_pairs(params_now, pair_rule, dimension_numbers, where)
+    rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
+    pairs = _pairs.resolve_pairs(params_now, rule, dimension_numbers).pairs
+    _checks.check_pair_sizes(where, params_now, pairs)
     leaves_now = jax.tree_util.tree_leaves(params_now)
     leaves_start = jax.tree_util.tree_leaves(params_start)
     out: dict[str, OGDBasis] = {}

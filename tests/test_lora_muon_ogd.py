@@ -321,3 +321,25 @@ def test_bad_arguments_raise() -> None:
         lora_muon_ogd(0.1, num_bases=2, dual_step_size=-1.0)
     with pytest.raises(ValueError, match="num_bases must be an int >= 0"):
         scale_by_lora_muon_ogd(num_bases=-1)
+
+
+def test_mixed_bf16_tree_bases_from_full_tree_one_compile() -> None:
+    """bf16 stays bf16, non-LoRA leaves go to the fallback and are ignored by the bases."""
+    rng = np.random.default_rng(9)
+    bf = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    start = {
+        "layer": {"lora_a": bf(32, 4), "lora_b": bf(4, 16)},
+        "bias": jnp.zeros(16, jnp.bfloat16),
+    }
+    now = jax.tree.map(lambda x: x + jnp.asarray(0.1, x.dtype), start)
+    opt = lora_muon_ogd(0.05, num_bases=3, fallback_learning_rate=1e-3)
+    bases = ogd_bases_from_delta(now, start, 3)
+    assert list(bases) == ["['layer']['lora_{a,b}']"]
+    state = update_ogd_bases(opt.init(now), bases)
+    step = jax.jit(opt.update)
+    grads = jax.tree.map(jnp.ones_like, now)
+    updates, state = step(grads, state, now)
+    updates, state = step(grads, state, now)
+    for leaf in jax.tree.leaves(updates):
+        assert leaf.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
+    assert step._cache_size() == 1  # type: ignore[attr-defined]
