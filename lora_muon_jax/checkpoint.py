@@ -276,6 +276,9 @@ def _agreed(failure: str | None) -> str | None:
     return None
 
 
+_UNREADABLE = "could not be read (a truncated, missing or corrupted file?): {}"
+
+
 def _where(manager: ocp.CheckpointManager, step: int) -> str:
     return f"checkpoint step {step} in {manager.directory}"
 
@@ -299,14 +302,14 @@ def _read_record(manager: ocp.CheckpointManager, step: int) -> tuple[Any, dict[s
                 and isinstance(record.get("arrays"), dict)
             ):
                 failure = (
-                    f"its checksums item is not step {step}'s in format {CHECKSUM_FORMAT!r} "
-                    f"(got {str(record)[:200]})"
+                    f"has a checksums item that is not step {step}'s in format "
+                    f"{CHECKSUM_FORMAT!r} (got {str(record)[:200]})"
                 )
     except Exception as err:  # orbax/tensorstore/json raise many types for unreadable files
-        failure = f"its metadata could not be read ({_brief(err)})"
+        failure = _UNREADABLE.format(_brief(err))
     failure = _agreed(failure)
     if failure is not None:
-        raise CorruptCheckpointError(f"{where}: {failure}")
+        raise CorruptCheckpointError(f"{where} {failure}")
     return metadata, record
 
 
@@ -325,7 +328,7 @@ def _restore_checked(
         )
         state = restored[_STATE_ITEM]
     except Exception as err:  # tensorstore: DATA_LOSS, OUT_OF_RANGE, NOT_FOUND, ...
-        failure = f"could not be read, a truncated, missing or corrupted file? ({_brief(err)})"
+        failure = _UNREADABLE.format(_brief(err))
     failure = _agreed(failure)
     if failure is not None:
         raise CorruptCheckpointError(f"{where} {failure}")

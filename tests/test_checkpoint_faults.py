@@ -84,14 +84,24 @@ def _orbax_alone(directory: Path) -> dict:
 def test_flipped_byte_is_refused_naming_the_array(tmp_path: Path) -> None:
     saved = _saved(tmp_path)
     data = _largest_data_file(tmp_path / "1")
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    data.write_bytes(bytes(raw))
+    original = data.read_bytes()
 
-    # The fault, reproduced: orbax restores it without an error, one value changed.
-    silent = _orbax_alone(tmp_path)
+    # The fault, reproduced: orbax restores a flipped byte of the (zstd) chunk without
+    # an error and with a value or two changed. (A flip that hits zstd's own framing
+    # can make orbax raise instead; the next offset is tried then.)
+    for offset in (len(original) // k for k in (2, 3, 4, 5)):
+        raw = bytearray(original)
+        raw[offset] ^= 0x10
+        data.write_bytes(bytes(raw))
+        try:
+            silent = _orbax_alone(tmp_path)
+        except Exception:
+            continue
+        break
+    else:
+        pytest.fail("no silent corruption to reproduce")
     changed = silent["params"]["lora_a"] != saved["params"]["lora_a"]
-    assert changed.sum() == 1, changed.sum()
+    assert 1 <= changed.sum() <= 4, changed.sum()
     np.testing.assert_array_equal(silent["params"]["lora_b"], saved["params"]["lora_b"])
 
     manager = lmc.checkpoint_manager(tmp_path)
@@ -131,7 +141,7 @@ def test_damaged_checksums_item_and_older_checkpoints(tmp_path: Path) -> None:
 
     # A truncated checksums file.
     record_file.write_text(json.dumps(record)[:40])
-    with pytest.raises(lmc.CorruptCheckpointError, match="metadata could not be read"):
+    with pytest.raises(lmc.CorruptCheckpointError, match=r"step 1 in .* could not be read"):
         lmc.restore(lmc.checkpoint_manager(tmp_path / "new"), _target())
 
     # A checkpoint written before the checksums existed (orbax, one item): restored
