@@ -18,10 +18,13 @@ Protocol. Each method keeps one optimizer state across all tasks; every task run
 ``steps`` minibatch steps with the learning rate decaying linearly from its peak to 0
 (restarted per task); weight decay is 0 for all. After each task, LoRA-Muon-OGD appends
 the top-``k_task`` singular directions of that task's ``ΔW = A Bᵀ − A₀B₀ᵀ``
-(``ogd_bases_from_delta`` + ``update_ogd_bases``) with ``num_bases = k_task (T − 1)``,
-``dual_steps`` and ``dual_step_size`` at the library defaults. Learning rates: each
-method's grid is run on the *tuning* seeds and the peak with the lowest final average
-loss is kept; the *report* seeds (different problems and batches) are then run at it.
+(``ogd_bases_from_delta`` + ``update_ogd_bases``) with ``num_bases = k_task (T − 1)``
+and J = 2 dual steps; ``lora_muon_ogd`` uses the library's primal averaging,
+``lora_muon_ogd_last`` the blog post's last iterate, ``lora_muon_ogd_j1`` one dual step
+(at ``lora_muon_ogd``'s selected point, not tuned on its own); σ is tuned with the lr.
+Learning rates: each method's grid is run on the *tuning* seeds and the peak with the
+lowest final average loss is kept; the *report* seeds (different problems and batches)
+are then run at it.
 
 Metrics (report seeds, mean ± std): the final average loss over all tasks after the
 last one; forgetting = mean over earlier tasks of (final loss − loss right after
@@ -36,7 +39,7 @@ a piece whose file exists is skipped. Outputs: ``OUT/summary.csv``, ``OUT/grid.c
 
 Commands (measured numbers: docs/lora_muon_ogd.md):
 
-    .venv/bin/python experiments/continual.py                # ~6 min on 2 CPU cores
+    .venv/bin/python experiments/continual.py                # ~9 min on 2 CPU cores
     .venv/bin/python experiments/continual.py --quick --out /tmp/continual_quick
 
 Hardware: CPU (2 cores); float32; JAX on whatever device it finds.
@@ -71,7 +74,7 @@ from lora_muon_jax import (
     update_ogd_bases,
 )
 
-METHODS = ("lora_muon_ogd", "lora_muon", "adamw")
+METHODS = ("lora_muon_ogd", "lora_muon_ogd_last", "lora_muon", "adamw")
 # Reported at LoRA-Muon-OGD's selected point only (no tuning of its own): one dual step.
 VARIANTS = {"lora_muon_ogd_j1": "lora_muon_ogd"}
 DEFAULT_SIGMA = 0.5
@@ -157,11 +160,13 @@ def population_losses(w: jax.Array, x: jax.Array, target: jax.Array, noise: floa
 def build_optimizer(method: str, cfg: Config) -> optax.GradientTransformation:
     if method == "lora_muon":
         return optax.inject_hyperparams(lora_muon)(learning_rate=0.0, weight_decay=0.0)
-    if method in ("lora_muon_ogd", "lora_muon_ogd_j1"):
-        return optax.inject_hyperparams(lora_muon_ogd, static_args=("num_bases", "dual_steps"))(
+    if method.startswith("lora_muon_ogd"):
+        static = ("num_bases", "dual_steps", "primal_average")
+        return optax.inject_hyperparams(lora_muon_ogd, static_args=static)(
             learning_rate=0.0,
             num_bases=cfg.k_task * max(cfg.tasks - 1, 1),
             dual_steps=1 if method.endswith("_j1") else 2,
+            primal_average=not method.endswith("_last"),  # _last: the post's last iterate
             weight_decay=0.0,
         )
     if method == "adamw":
@@ -396,7 +401,13 @@ def plot(out: Path, report: dict[str, list[dict[str, Any]]], cfg: Config) -> Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    colors = {"lora_muon_ogd": "C0", "lora_muon": "C1", "adamw": "C2", "lora_muon_ogd_j1": "C3"}
+    colors = {
+        "lora_muon_ogd": "C0",
+        "lora_muon": "C1",
+        "adamw": "C2",
+        "lora_muon_ogd_j1": "C3",
+        "lora_muon_ogd_last": "C4",
+    }
     for method, results in report.items():
         curves = np.mean(
             [np.concatenate([np.asarray(c) for c in r["curves"]], axis=0) for r in results], axis=0
@@ -427,7 +438,7 @@ def plot(out: Path, report: dict[str, list[dict[str, Any]]], cfg: Config) -> Non
             ax.bar(i, np.mean(vals), yerr=np.std(vals), color=colors[method], capsize=4)
             ax.scatter([i] * len(vals), vals, color="k", s=8, zorder=3)
         ax.set_xticks(range(len(report)))
-        ax.set_xticklabels(list(report), fontsize=8)
+        ax.set_xticklabels(list(report), fontsize=7, rotation=20, ha="right")
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out / "continual.png", dpi=110)

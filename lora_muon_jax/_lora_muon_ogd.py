@@ -95,6 +95,7 @@ def scale_by_lora_muon_ogd(
     dual_steps: int = DEFAULT_DUAL_STEPS,
     dual_step_size: float | jax.Array = DEFAULT_DUAL_STEP_SIZE,
     warm_start: bool = True,
+    primal_average: bool = True,
     nesterov: bool = False,
     method: Method = "gram",
     mu_dtype: Any = None,
@@ -135,6 +136,10 @@ def scale_by_lora_muon_ogd(
         (``inject_hyperparams``).
       warm_start: keep Λ̃ across steps (default). Off: every step starts from
         Λ̃ = 0 (J must then be larger to reach the same residual).
+      primal_average: return the mean of the J primal iterates (default; it
+        stays in each half's trust region and meets the constraint where the
+        last iterate cannot: the dual is nonsmooth on rank-deficient momenta)
+        or the last iterate (the blog post's step). Same cost.
       nesterov: Nesterov momentum.
       method: ``"gram"`` or ``"paper"`` (LoRA-Muon's ``METHODS``).
       mu_dtype: momentum dtype (default: the parameters'); math is float32.
@@ -195,6 +200,7 @@ def scale_by_lora_muon_ogd(
             _stacked_units(method),
             dual_steps,
             dual_step_size,
+            primal_average,
         )
         out: dict[int, jax.Array] = {}
         new_dual, new_residual = dict(dual), dict(residual)
@@ -231,6 +237,7 @@ def lora_muon_ogd(
     dual_steps: int = DEFAULT_DUAL_STEPS,
     dual_step_size: float | jax.Array = DEFAULT_DUAL_STEP_SIZE,
     warm_start: bool = True,
+    primal_average: bool = True,
     momentum: float | jax.Array = 0.9,
     nesterov: bool = False,
     weight_decay: float | jax.Array = 0.0,
@@ -277,6 +284,7 @@ def lora_muon_ogd(
       dual_steps: J ≥ 1.
       dual_step_size: σ ≥ 0, dimensionless.
       warm_start: keep Λ across steps.
+      primal_average: step along the mean of the J primal iterates.
       momentum: EMA rate β in [0, 1).
       nesterov: Nesterov momentum.
       weight_decay: λ ≥ 0, split rule, λη < 1.
@@ -330,6 +338,7 @@ def lora_muon_ogd(
             dual_steps=dual_steps,
             dual_step_size=dual_step_size,
             warm_start=warm_start,
+            primal_average=primal_average,
             nesterov=nesterov,
             method=method,
             mu_dtype=mu_dtype,

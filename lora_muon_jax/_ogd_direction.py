@@ -33,8 +33,10 @@ F32 = jnp.float32
 # ‖UᵀΔWV‖ contracts geometrically for σ ≲ 1 (σ = 0.5: ×0.55–0.8 per dual step)
 # when the shifted momenta are well conditioned; in training, where Λ is
 # warm-started over hundreds of steps and the momenta are rank-deficient
-# (the dual is nonsmooth there), σ = 0.003–0.01 protected past tasks best and
-# σ ≥ 0.05 did worse than no constraint (experiments/continual.py).
+# (the dual is nonsmooth there), σ = 0.003–0.01 protected past tasks best; the
+# post's last iterate did worse than no constraint at σ ≥ 0.05, the mean of the
+# iterates (primal_average, the default) was flat from 0.003 to 0.05
+# (experiments/continual.py).
 DEFAULT_DUAL_STEPS = 2
 DEFAULT_DUAL_STEP_SIZE = 0.01
 # Up to this many dual steps are unrolled; more run in a lax.scan (one copy of the
@@ -81,13 +83,14 @@ def ogd_directions(
     unit_directions: Callable[[list[FactorPair]], list[tuple[jax.Array, ...]]],
     dual_steps: int,
     dual_step_size: float | jax.Array,
+    primal_average: bool = True,
 ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array], list[jax.Array]]:
     """Unit OGD directions of many pairs: J primal (LoRA-Muon) solves with dual ascent between.
 
     ``unit_directions`` maps shifted views to LoRA-Muon unit directions
-    ``msign(M R) R`` (batched across pairs). Returns the directions of the
-    last primal solve, the updated duals Λ̃ and the unit residuals
-    ``‖Uᵀ ΔW V‖_F / η`` of the returned step.
+    ``msign(M R) R`` (batched across pairs). Returns the mean of the J
+    primal iterates (``primal_average``; else the last one), the updated
+    duals Λ̃ and the unit residuals ``‖Uᵀ ΔW V‖_F / η`` of the returned step.
     """
     prepared = []
     for p, c in zip(views, constraints, strict=True):
@@ -126,24 +129,49 @@ def ogd_directions(
             nu = jnp.maximum(gain, 0.0) / (2.0 * r)
             new = dual + sigma.astype(dt) * nu[..., None, None] * rho
             new_duals.append(jnp.where(jnp.isfinite(new), new, dual))
-            residuals.append(jnp.sqrt(jnp.sum(rho * rho, axis=(-2, -1))))
+            residuals.append(rho)
         return directions, new_duals, residuals
 
-    duals = [item[3] for item in prepared]
-    if dual_steps <= UNROLL_MAX_DUAL_STEPS:
-        for _ in range(dual_steps):
-            directions, duals, residuals = one_step(duals)
-        return directions, duals, residuals
+    def norms(rhos: list[jax.Array]) -> list[jax.Array]:
+        return [jnp.sqrt(jnp.sum(rho * rho, axis=(-2, -1))) for rho in rhos]
 
-    # A scan keeps one copy of the direction in the program whatever J is.
-    def body(carry: Any, _: None) -> tuple[Any, None]:
-        return one_step(carry[1]), None
+    duals = [item[3] for item in prepared]
+    if dual_steps == 1 or not primal_average:
+        if dual_steps <= UNROLL_MAX_DUAL_STEPS:
+            for _ in range(dual_steps):
+                directions, duals, rhos = one_step(duals)
+            return directions, duals, norms(rhos)
+
+        # A scan keeps one copy of the direction in the program whatever J is.
+        def body(carry: Any, _: None) -> tuple[Any, None]:
+            return one_step(carry[1]), None
+
+        shapes = jax.eval_shape(one_step, duals)
+        init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        init = (init[0], duals, init[2])
+        (directions, duals, rhos), _ = jax.lax.scan(body, init, None, length=dual_steps)
+        return directions, duals, norms(rhos)
+
+    # Primal averaging: the mean of the J iterates (inside each half's trust region,
+    # which is convex); its residual is the mean of theirs (ρ is linear in the step).
+    def accumulate(carry: Any, _: None = None) -> tuple[Any, None]:
+        sums, duals, rho_sums = carry
+        directions, duals, rhos = one_step(duals)
+        sums = jax.tree.map(jnp.add, sums, directions)
+        return (sums, duals, [x + y for x, y in zip(rho_sums, rhos, strict=True)]), None
 
     shapes = jax.eval_shape(one_step, duals)
-    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    init = (init[0], duals, init[2])
-    (directions, duals, residuals), _ = jax.lax.scan(body, init, None, length=dual_steps)
-    return directions, duals, residuals
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    carry = (zeros[0], duals, zeros[2])
+    if dual_steps <= UNROLL_MAX_DUAL_STEPS:
+        for _ in range(dual_steps):
+            carry, _ = accumulate(carry)
+    else:
+        carry, _ = jax.lax.scan(accumulate, carry, None, length=dual_steps)
+    sums, duals, rho_sums = carry
+    scale = 1.0 / dual_steps
+    directions = [(d_a * scale, d_b * scale) for d_a, d_b in sums]
+    return directions, duals, norms([rho * scale for rho in rho_sums])
 
 
 # ---------------------------------------------------------------- pure math
@@ -160,6 +188,7 @@ def lora_muon_ogd_direction(
     *,
     dual_steps: int = DEFAULT_DUAL_STEPS,
     dual_step_size: float | jax.Array = DEFAULT_DUAL_STEP_SIZE,
+    primal_average: bool = True,
     method: Method = "gram",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Unit LoRA-Muon-OGD direction of one factor pair (math layout, batched).
@@ -169,8 +198,11 @@ def lora_muon_ogd_direction(
     ``U_B = msign((M_B + V Λ̃ᵀ UᵀA) R_A) R_A``, then
     ``Λ̃ ← Λ̃ + σ ν ρ`` with ``ρ = −½ Uᵀ(U_A Bᵀ + A U_Bᵀ)V`` (the residual of
     the step ``ΔA = −(η/2) U_A``, ``ΔB = −(η/2) U_B`` in units of η) and ν the
-    mean singular value of the whitened shifted momenta. Each half keeps
-    ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1`` (LoRA-Muon's trust region).
+    step's first-order gain on the unshifted momenta (over 2r). Returned: the
+    mean of the J iterates (``primal_average``, the standard remedy for dual
+    ascent on a nonsmooth dual) or the last one. Each iterate has
+    ``‖U_A Bᵀ‖₂ = ‖A U_Bᵀ‖₂ = 1`` (LoRA-Muon's trust region), so their mean
+    has at most 1.
 
     Args:
       a: ``A``, shape (..., m, r).
@@ -182,11 +214,13 @@ def lora_muon_ogd_direction(
       dual: warm start Λ̃ (..., k, k), or ``None``.
       dual_steps: J ≥ 1, primal solves (each followed by a dual step).
       dual_step_size: σ ≥ 0, dimensionless.
+      primal_average: return the mean of the J primal iterates (default) or
+        the last one.
       method: ``"gram"`` or ``"paper"`` (LoRA-Muon's ``METHODS``).
 
     Returns:
-      ``(U_A, U_B, dual, residual)``: the unit directions of the last primal
-      solve (shapes of ``a``, ``b``), the updated Λ̃ (..., k, k) and the unit
+      ``(U_A, U_B, dual, residual)``: the unit directions, mean or last
+      (shapes of ``a``, ``b``), the updated Λ̃ (..., k, k) and the unit
       residual ``‖Uᵀ ΔW V‖_F / η`` of that step (...). With ``k = 0`` the
       directions are ``lora_muon_direction``'s, bit for bit.
 
@@ -250,6 +284,7 @@ def lora_muon_ogd_direction(
         lambda views: _direction.lora_muon_directions(views, method),
         dual_steps,
         dual_step_size,
+        primal_average,
     )
     return (
         dirs[0].reshape(a.shape),

@@ -51,13 +51,16 @@ def _inv_sqrt(s: np.ndarray) -> np.ndarray:
     return (e * inv) @ e.T
 
 
-def oracle(a, b, g_w, u, v, sigma, steps, lam=None):
-    """Dense float64 LoRA-Muon-OGD: unit directions, Λ and unit residuals after each step."""
+def oracle(a, b, g_w, u, v, sigma, steps, lam=None, average=False):
+    """Dense float64 LoRA-Muon-OGD: unit directions, Λ and unit residuals after each step.
+
+    ``average``: also return the mean of the iterates and its residual (primal averaging).
+    """
     a, b, g_w, u, v = (np.asarray(x, np.float64) for x in (a, b, g_w, u, v))
     r = a.shape[1]
     lam = np.zeros((u.shape[1], v.shape[1])) if lam is None else np.asarray(lam, np.float64)
     r_a, r_b = _inv_sqrt(a.T @ a), _inv_sqrt(b.T @ b)
-    residuals = []
+    residuals, iterates = [], []
     for _ in range(steps):
         g = g_w + u @ lam @ v.T  # the constraint shifts the gradient
         x_a, x_b = (g @ b) @ r_b, (g.T @ a) @ r_a
@@ -70,6 +73,12 @@ def oracle(a, b, g_w, u, v, sigma, steps, lam=None):
         nu = max(gain, 0.0) / (2 * r)
         lam = lam + sigma * nu * rho
         residuals.append(np.linalg.norm(rho))
+        iterates.append((d_a, d_b))
+    if average:
+        m_a = np.mean([d[0] for d in iterates], axis=0)
+        m_b = np.mean([d[1] for d in iterates], axis=0)
+        res = np.linalg.norm(u.T @ (-0.5 * (m_a @ b.T + a @ m_b.T)) @ v)
+        return m_a, m_b, lam, res
     return d_a, d_b, lam, np.array(residuals)
 
 
@@ -92,10 +101,10 @@ def _problem(seed=0, m=40, n=32, r=4, k=3, overlap=0.3):
 _direction_jit = jax.jit(lora_muon_ogd_direction, static_argnames=("dual_steps",))
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
-def _ogd(a, b, g, u, v, sigma, steps):
+@functools.partial(jax.jit, static_argnames=("steps", "average"))
+def _ogd(a, b, g, u, v, sigma, steps, average=False):
     return lora_muon_ogd_direction(
-        a, b, g @ b, g.T @ a, u, v, dual_steps=steps, dual_step_size=sigma
+        a, b, g @ b, g.T @ a, u, v, dual_steps=steps, dual_step_size=sigma, primal_average=average
     )
 
 
@@ -139,6 +148,13 @@ def test_matches_oracle_and_residual_contracts() -> None:
     np.testing.assert_allclose(code, o_res[[0, 7]], atol=2e-4)
     assert code[1] < 0.02 * code[0]
 
+    # Primal averaging (the default): the mean of the 8 iterates, against the oracle's.
+    m_a, m_b, _, m_res = _ogd(*args, jnp.float32(0.5), 8, True)
+    o_a, o_b, _, o_mres = oracle(a, b, g, u, v, 0.5, 8, average=True)
+    np.testing.assert_allclose(m_a, o_a, rtol=2e-3, atol=2e-3 * np.abs(o_a).max())
+    np.testing.assert_allclose(m_b, o_b, rtol=2e-3, atol=2e-3 * np.abs(o_b).max())
+    np.testing.assert_allclose(float(m_res), o_mres, atol=2e-4)
+
     _, _, _, fast = oracle(a, b, g, u, v, 1.0, 8)
     assert np.all(fast[1:] / fast[:-1] < 0.4), fast
     _, _, _, over = oracle(a, b, g, u, v, 2.0, 12)
@@ -149,11 +165,13 @@ def test_each_half_stays_in_the_trust_region() -> None:
     for seed in range(3):
         a, b, g, u, v = _problem(seed)
         ja, jb, *_ = _f32(a, b, g, u, v)
-        d_a, d_b, _, _ = _ogd(*_f32(a, b, g, u, v), jnp.float32(0.5), 8)
-        half_a = float(jnp.linalg.norm(d_a @ jb.T, ord=2))
-        half_b = float(jnp.linalg.norm(ja @ d_b.T, ord=2))
-        assert 1 - 1e-3 <= half_a <= 1 + 1e-3
-        assert 1 - 1e-3 <= half_b <= 1 + 1e-3
+        for average in (False, True):
+            d_a, d_b, _, _ = _ogd(*_f32(a, b, g, u, v), jnp.float32(0.5), 8, average)
+            half_a = float(jnp.linalg.norm(d_a @ jb.T, ord=2))
+            half_b = float(jnp.linalg.norm(ja @ d_b.T, ord=2))
+            # The last iterate is an isometry on each half; the mean of iterates lies inside.
+            low = 0.5 if average else 1 - 1e-3
+            assert low <= half_a <= 1 + 1e-3 and low <= half_b <= 1 + 1e-3
 
 
 def test_k0_is_lora_muon_bit_for_bit() -> None:
@@ -198,8 +216,8 @@ def test_optimizer_residual_and_constraint_from_updates() -> None:
     d_a, d_b = updates["lora_a"], updates["lora_b"].T
     measured = float(jnp.linalg.norm(ju.T @ (d_a @ jb.T + ja @ d_b.T) @ jv)) / eta
     np.testing.assert_allclose(measured, float(ogd.residual["['lora_{a,b}']"][0]), rtol=1e-3)
-    _, _, _, o_res = oracle(a, b, g, u, v, 0.5, 3)
-    np.testing.assert_allclose(measured, o_res[-1], atol=2e-4)
+    _, _, _, o_res = oracle(a, b, g, u, v, 0.5, 3, average=True)  # the default: averaged
+    np.testing.assert_allclose(measured, o_res, atol=2e-4)
     assert ogd.u["['lora_{a,b}']"].shape == (1, 40, 4)  # capacity 4, 3 used, one zero column
 
 
