@@ -21,10 +21,11 @@ Two ways to compute it (``method``):
   where an r×r bound says it is exact to float32 rounding: every Gram in
   range and ``λ_min`` of each normalised r×r Gram above
   ``1 / FAST_MAX_INVERSE_EIGENVALUE``. Otherwise the pair's stack takes the
-  *robust form* of ``_robust`` (inside a ``lax.cond``, so it costs nothing
-  when unused): inputs scaled to unit magnitude, factors whitened by shifted
-  CholeskyQR, Newton–Schulz on the tall whitened momentum, certified polar
-  finishes — each half provably at most η/2 (docs/numerics.md).
+  *robust form* of ``_robust`` (inside one ``lax.cond`` per call, so it costs
+  nothing when unused; its r×r chains batched across all stacks): inputs
+  scaled to unit magnitude, factors whitened by shifted CholeskyQR,
+  Newton–Schulz on the tall whitened momentum, certified polar finishes —
+  each half provably at most η/2 (docs/numerics.md).
 * ``"paper"``: Algorithm 1 literally, with the paper's Table 2 inverse root
   and Table 1 msign (8 Newton–Schulz steps on the m×r product), on inputs
   scaled to unit magnitude.
@@ -91,10 +92,7 @@ def _batched(
     fn: Callable[[jax.Array], tuple[jax.Array, ...]], mats: Sequence[jax.Array]
 ) -> list[tuple[jax.Array, ...]]:
     """``fn`` on many (N_i, r_i, r_i) stacks: one call per (r, dtype, sharding)."""
-    stacked = _stacking.Stacked(
-        mats, lambda m: (m,), lambda m: (m.shape[-1], m.dtype, _stacking.sharding_of(m))
-    )
-    return stacked.split([fn(group[0]) for group in stacked.groups])
+    return _stacking.batched(fn, [(m,) for m in mats])
 
 
 def _max_diag(g: jax.Array) -> jax.Array:
@@ -153,7 +151,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
             inner.append(_polar._sym(mm(x_s, mm(p_hat, x_s))))
     roots_q = _batched(root, inner)
 
-    out = []
+    fasts, all_ks = [], []
     for i, p in enumerate(pairs):
         (x_sa, t_sa, e_sa), (x_sb, t_sb, e_sb) = roots_s[2 * i], roots_s[2 * i + 1]
         (x_qa, t_qa, e_qa), (x_qb, t_qb, e_qb) = roots_q[2 * i], roots_q[2 * i + 1]
@@ -173,22 +171,42 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
             inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
             k = mm(x_s, mm(x_q, x_s)) * (t_q * inv_sqrt_d * t_s)[..., None, None]
             ks.append(jnp.where(jnp.isfinite(k), k, 0.0))
+        fasts.append(jnp.all(fast))  # a stack takes one form for all its pairs
+        all_ks.append(tuple(ks))
 
-        flags = (p.a_rank_first, p.b_rank_first)
-
-        def fast_form(arrays, ks, dt=dtypes[i], flags=flags):
-            _, _, mu_a, mu_b = arrays
-            return (
-                times(mu_a.astype(dt), ks[0], flags[0]),
-                times(mu_b.astype(dt), ks[1], flags[1]),
+    def fast_forms(arrays, all_ks):
+        return [
+            (
+                times(mu_a.astype(dt), ks[0], p.a_rank_first),
+                times(mu_b.astype(dt), ks[1], p.b_rank_first),
             )
+            for (_, _, mu_a, mu_b), ks, dt, p in zip(arrays, all_ks, dtypes, pairs, strict=True)
+        ]
 
-        def robust_form(arrays, ks, flags=flags):
-            del ks
-            return _robust.robust_directions(FactorPair(*arrays, *flags))
+    def some_robust(arrays, all_ks, fasts):
+        # One branch for the whole call: the robust form of every stack with its
+        # r×r chains batched across stacks (compile time nearly flat in the number
+        # of shapes); a stack whose fast form is exact keeps it.
+        robust = _robust.robust_directions_many(
+            [
+                FactorPair(a, b, mu_a, mu_b, p.a_rank_first, p.b_rank_first)
+                for (a, b, mu_a, mu_b), p in zip(arrays, pairs, strict=True)
+            ]
+        )
+        return [
+            tuple(jnp.where(f, u_fast, u_robust) for u_fast, u_robust in zip(fs, rs, strict=True))
+            for f, fs, rs in zip(fasts, fast_forms(arrays, all_ks), robust, strict=True)
+        ]
 
-        out.append(jax.lax.cond(jnp.all(fast), fast_form, robust_form, tall(p), ks))
-    return out
+    arrays = [tall(p) for p in pairs]
+    return jax.lax.cond(
+        jnp.all(jnp.stack(fasts)),
+        lambda arrays, all_ks, fasts: fast_forms(arrays, all_ks),
+        some_robust,
+        arrays,
+        all_ks,
+        fasts,
+    )
 
 
 # ---------------------------------------------------------------- paper method

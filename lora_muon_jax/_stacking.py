@@ -1,8 +1,11 @@
 """One way to batch many small problems: group equal keys, concatenate, split back.
 
 Used twice: equal-shape factor pairs are stacked into one batch before their
-directions are computed (``_lora_muon``), and every r×r inverse root of a call
-runs in one chain per (r, dtype, sharding) (``_direction``).
+directions are computed (``_lora_muon``), and every r×r matrix function of a
+call (inverse roots, polar finishes, certificates) runs in one chain per
+(r, dtype, sharding) (``batched``: ``_direction``, ``_robust``). The r×r chains
+are what makes the compiled program large (iterations, retries), so batching
+them across shapes keeps compile time nearly flat in the number of shapes.
 """
 
 from __future__ import annotations
@@ -65,3 +68,20 @@ class Stacked(Generic[T]):
                 out[i] = tuple(r[lo : lo + n] for r in result) if len(idx) > 1 else tuple(result)
                 lo += n
         return [o for o in out if o is not None]
+
+
+def batched(
+    fn: Callable[..., tuple[jax.Array, ...]], items: Sequence[tuple[jax.Array, ...]]
+) -> list[tuple[jax.Array, ...]]:
+    """``fn`` on many tuples of (N_i, r, r) stacks: one call per (r, dtype, sharding).
+
+    The key is taken from each item's first array; every array of an item has
+    its N_i. ``fn`` takes the concatenated arrays as positional arguments and
+    returns arrays with leading axis ΣN_i; the result is split back per item.
+    """
+    stacked = Stacked(
+        items,
+        lambda item: item,
+        lambda item: (item[0].shape[-1], item[0].dtype, sharding_of(item[0])),
+    )
+    return stacked.split([fn(*group) for group in stacked.groups])
