@@ -11,7 +11,6 @@ device, restored arrays equal to the saved ones bit for bit).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 
 ocp = pytest.importorskip("orbax.checkpoint")
 from lora_muon_jax import checkpoint as lmc  # noqa: E402  (needs orbax)
+from tests import hf_fixtures as fx  # noqa: E402
 
 # When tensorstore fails a read, orbax's other pending reads finish after its event
 # loop has closed and their callbacks raise "Event loop is closed" into
@@ -334,22 +334,7 @@ def test_killed_five_times_resumes_to_the_uninterrupted_result(tmp_path: Path) -
     steps, kills = 20, 5
     script, ckpt, out = tmp_path / "loop.py", tmp_path / "ckpt", tmp_path / "out.npz"
     script.write_text(_LOOP)
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),  # restarts skip compiling
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        # Unoptimised XLA CPU code compiles ~2.5x faster (tests/test_tpu_entry.py);
-        # every run and the oracle (in the last run's process) use the same flags.
-        "XLA_FLAGS": " ".join(
-            [
-                os.environ.get("XLA_FLAGS", ""),
-                "--xla_backend_optimization_level=0",
-                "--xla_llvm_disable_expensive_passes=true",
-            ]
-        ).strip(),
-    }
+    env = fx.fast_compile_env(tmp_path / "jax_cache")  # every run and the oracle alike
     cmd = [sys.executable, str(script), str(ckpt), str(steps), str(out), str(ROOT)]
     rng = np.random.default_rng(12)
     resumed_from, killed_after = [], []

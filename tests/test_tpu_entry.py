@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import hf_fixtures as fx
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 CONFIG = ROOT / "tpu" / "configs" / "cpu8.toml"
@@ -77,22 +79,7 @@ def command(model: Path, ckpt: Path, metrics: Path, devices: int, extra: list[st
 
 
 def launch(cmds: list[list[str]], cache: Path) -> list[subprocess.Popen]:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        # CPU compilation is most of this test's time; unoptimised XLA CPU code
-        # compiles ~2.5x faster (27 s → 11 s CPU per run). A, B and C share it.
-        "XLA_FLAGS": " ".join(
-            [
-                os.environ.get("XLA_FLAGS", ""),
-                "--xla_backend_optimization_level=0",
-                "--xla_llvm_disable_expensive_passes=true",
-            ]
-        ).strip(),
-    }
+    env = fx.fast_compile_env(cache)
     return [
         subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for c in cmds
@@ -163,7 +150,6 @@ def read_checkpoint(model_dir: Path, directory: Path, step: int) -> list[tuple[s
 
 
 def test_two_processes_match_one_and_resume_after_kill(tmp_path: Path) -> None:
-    from tests import hf_fixtures as fx
 
     model = fx.make_checkpoint(tmp_path / "hf", "llama")
     cache = tmp_path / "jax_cache"
