@@ -241,8 +241,9 @@ def scale_by_scaled_step(
     η scales the direction in float32 (float64 for float64 leaves) before the
     cast to the parameters' dtype. State: ``state_type(count)``.
 
-    Static η and λ (Python or NumPy numbers) must be finite and ≥ 0, and for
-    the split rule λη < 1: else a ``ValueError`` here. Traced ones (schedules,
+    Static η and λ (Python or NumPy numbers) must be finite and ≥ 0, and
+    λη < 1 (split: s = √(1 − λη); decoupled: 1 − λη ≤ 0 would zero or flip W):
+    else a ``ValueError`` here. Traced ones (schedules,
     arrays, ``inject_hyperparams``) are checked at every step: a step whose η
     or λ is negative or not finite, or (split rule) whose λη ≥ 1, is a zero
     update (the factors are neither decayed nor amplified). A valid λη is
@@ -256,6 +257,14 @@ def scale_by_scaled_step(
     static_wd = _checks.check_static(name, "weight_decay", weight_decay, "nonnegative")
     if rule == "split" and static_lr is not None and static_wd is not None:
         check_decay_fraction(name, learning_rate, weight_decay)
+    if rule == "decoupled" and static_lr is not None and static_wd is not None:
+        if not static_lr * static_wd < 1.0:
+            raise ValueError(
+                f"{name}: decoupled weight decay W ← (1 − λη) W with weight_decay * "
+                f"learning_rate = {static_lr * static_wd!r} >= 1 zeroes or flips the weights "
+                f"(weight_decay={_checks.shown(weight_decay)}, "
+                f"learning_rate={_checks.shown(learning_rate)})"
+            )
     traced = static_lr is None or static_wd is None
 
     def init_fn(params: optax.Params) -> Any:

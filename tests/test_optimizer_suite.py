@@ -171,6 +171,7 @@ _BAD_BASELINE_ARGS = [
     ({"weight_decay": np.float32(np.inf)}, "weight_decay", "inf"),
     ({"fallback_learning_rate": -1e-3}, "fallback_learning_rate", "-0.001"),
     ({"fallback_weight_decay": -1.0}, "fallback_weight_decay", "-1.0"),
+    ({"weight_decay": 10.0}, "weight_decay * learning_rate", "1.0"),  # λη = 1: W ← 0
 ]
 _BAD_MOMENTA = [
     ({"momentum": 1.0}, "momentum", "1.0"),
