@@ -175,9 +175,3 @@ def robust_directions_many(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array,
         (us[2 * i] / c_b[..., None, None], us[2 * i + 1] / c_a[..., None, None])
         for i, (_, c_a, _, c_b, _, _) in enumerate(scaled)
     ]
-
-
-def robust_directions(p: FactorPair) -> tuple[jax.Array, jax.Array]:
-    """The robust ``(U_A, U_B)`` of one pair (stack)."""
-    (out,) = robust_directions_many([p])
-    return out
