@@ -62,15 +62,29 @@ def ema_momenta(
     return out
 
 
-def check_decay_fraction(where: str, learning_rate: Any, weight_decay: Any) -> None:
-    """``ValueError`` unless λη < 1 when both are static numbers (split rule: s = √(1 − λη))."""
+def check_decay_fraction(
+    where: str, learning_rate: Any, weight_decay: Any, rule: DecayRule = "split"
+) -> None:
+    """``ValueError`` unless λη < 1 when both are static numbers.
+
+    Split rule: s = √(1 − λη) needs it; decoupled rule: W ← (1 − λη) W would
+    zero or flip W at λη ≥ 1.
+    """
     lr, wd = _checks.static_number(learning_rate), _checks.static_number(weight_decay)
-    if lr is not None and wd is not None and not lr * wd < 1.0:
+    if lr is None or wd is None or lr * wd < 1.0:
+        return
+    if rule == "decoupled":
         raise ValueError(
-            f"{where}: the split weight decay needs weight_decay * learning_rate < 1 "
-            f"(s = sqrt(1 - λη)), got weight_decay={_checks.shown(weight_decay)} * "
-            f"learning_rate={_checks.shown(learning_rate)} = {lr * wd!r}"
+            f"{where}: decoupled weight decay W ← (1 − λη) W with weight_decay * "
+            f"learning_rate = {lr * wd!r} >= 1 zeroes or flips the weights "
+            f"(weight_decay={_checks.shown(weight_decay)}, "
+            f"learning_rate={_checks.shown(learning_rate)})"
         )
+    raise ValueError(
+        f"{where}: the split weight decay needs weight_decay * learning_rate < 1 "
+        f"(s = sqrt(1 - λη)), got weight_decay={_checks.shown(weight_decay)} * "
+        f"learning_rate={_checks.shown(learning_rate)} = {lr * wd!r}"
+    )
 
 
 def no_params_error(what: str) -> ValueError:
@@ -255,16 +269,7 @@ def scale_by_scaled_step(
     if not callable(learning_rate):
         static_lr = _checks.check_static(name, "learning_rate", learning_rate, "nonnegative")
     static_wd = _checks.check_static(name, "weight_decay", weight_decay, "nonnegative")
-    if rule == "split" and static_lr is not None and static_wd is not None:
-        check_decay_fraction(name, learning_rate, weight_decay)
-    if rule == "decoupled" and static_lr is not None and static_wd is not None:
-        if not static_lr * static_wd < 1.0:
-            raise ValueError(
-                f"{name}: decoupled weight decay W ← (1 − λη) W with weight_decay * "
-                f"learning_rate = {static_lr * static_wd!r} >= 1 zeroes or flips the weights "
-                f"(weight_decay={_checks.shown(weight_decay)}, "
-                f"learning_rate={_checks.shown(learning_rate)})"
-            )
+    check_decay_fraction(name, learning_rate, weight_decay, rule)
     traced = static_lr is None or static_wd is None
 
     def init_fn(params: optax.Params) -> Any:
