@@ -77,12 +77,13 @@ def check_mu_dtype(where: str, mu_dtype: Any) -> None:
         raise ValueError(f"{where}: mu_dtype must be a floating dtype (or None), got {dtype}")
 
 
-def check_positive_int(where: str, name: str, value: Any) -> int:
-    """``value`` as an int ≥ 1 (a Python or NumPy integer), else ``ValueError``/``TypeError``."""
+def check_int(where: str, name: str, value: Any, low: int) -> int:
+    """``value`` as an int ≥ ``low`` (a Python or NumPy integer): ``TypeError`` for another
+    type, ``ValueError`` below ``low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+        raise TypeError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}")
+    if value < low:
+        raise ValueError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}")
     return int(value)
 
 

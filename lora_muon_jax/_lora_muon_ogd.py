@@ -60,7 +60,6 @@ from lora_muon_jax._ogd_direction import (
     DEFAULT_DUAL_STEP_SIZE,
     DEFAULT_DUAL_STEPS,
     Constraint,
-    check_int,
     ogd_directions,
 )
 from lora_muon_jax._pairs import DimensionNumbersArg, LoRAPair, PairRule
@@ -155,8 +154,8 @@ def scale_by_lora_muon_ogd(
     """
     name = "scale_by_lora_muon_ogd"
     _direction.check_method(method)
-    num_bases = check_int(name, "num_bases", num_bases, 0)
-    dual_steps = check_int(name, "dual_steps", dual_steps, 1)
+    num_bases = _checks.check_int(name, "num_bases", num_bases, 0)
+    dual_steps = _checks.check_int(name, "dual_steps", dual_steps, 1)
     _checks.check_static(name, "dual_step_size", dual_step_size, "nonnegative")
     _checks.check_static(name, "lora_scale", lora_scale, "positive")
     plain = _lora_muon._lora_muon_pair_directions(method, lora_scale)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from lora_muon_jax import _checks, _pairs, _polar
-from lora_muon_jax._ogd_direction import check_int, project
+from lora_muon_jax._ogd_direction import project
 from lora_muon_jax._pairs import DimensionNumbersArg, PairRule
 
 # Bases passed to update_ogd_bases must have orthonormal (or zero) columns to
@@ -152,7 +152,7 @@ def ogd_bases_from_delta(
       ((1, 6, 1), 3.0)
     """
     where = "ogd_bases_from_delta"
-    num_bases = check_int(where, "num_bases", num_bases, 1)
+    num_bases = _checks.check_int(where, "num_bases", num_bases, 1)
     _checks.check_grads_match_params(where, params_start, params_now)
     rule = pair_rule if pair_rule is not None else _pairs.default_pair_rule
     pairs = _pairs.resolve_pairs(params_now, rule, dimension_numbers).pairs

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_muon_jax import _checks, _direction, _polar
 from lora_muon_jax._direction import FactorPair, Method
@@ -47,12 +46,6 @@ UNROLL_MAX_DUAL_STEPS = 4
 
 
 # ---------------------------------------------------------------- private helpers
-
-
-def check_int(where: str, name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise ValueError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}")
-    return int(value)
 
 
 def project(basis: jax.Array, x: jax.Array, rank_first: bool) -> jax.Array:
@@ -238,7 +231,7 @@ def lora_muon_ogd_direction(
     """
     _direction.check_method(method)
     where = "lora_muon_ogd_direction"
-    dual_steps = check_int(where, "dual_steps", dual_steps, 1)
+    dual_steps = _checks.check_int(where, "dual_steps", dual_steps, 1)
     _checks.check_static(where, "dual_step_size", dual_step_size, "nonnegative")
     if a.ndim < 2 or b.ndim < 2 or u.ndim != a.ndim or v.ndim != b.ndim:
         raise ValueError(

@@ -94,8 +94,8 @@ def scale_by_spectron(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
     """
 
-    power_iterations = _checks.check_positive_int(
-        "scale_by_spectron", "power_iterations", power_iterations
+    power_iterations = _checks.check_int(
+        "scale_by_spectron", "power_iterations", power_iterations, 1
     )
 
     def init_extra(pairs: list[_pairs.LoRAPair]) -> tuple[Any, ...]:
