@@ -184,10 +184,13 @@ def scale_by_pair_direction(
             raise _checks.no_pairs_error(f"{name}.init", params, "allow_no_pairs=True")
         if check_pairs is not None:
             check_pairs(pairs, params)
+        extra = init_extra(pairs)
+        if not _checks.should_have_pairs(params):
+            # optax.tree.map_params' placeholder: per-pair dicts are not param-shaped, and a
+            # leaf here marks each as one non-param subtree (its keys are the real pairs').
+            extra = tuple(jnp.zeros([], jnp.int32) for _ in extra)
         return state_type(
-            jnp.zeros([], jnp.int32),
-            optax.tree.zeros_like(params, dtype=mu_dtype),
-            *init_extra(pairs),
+            jnp.zeros([], jnp.int32), optax.tree.zeros_like(params, dtype=mu_dtype), *extra
         )
 
     def update_fn(
@@ -307,6 +310,13 @@ def scale_by_scaled_step(
         def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
             dt = _polar.compute_dtype(d.dtype, p.dtype)
             step = step_coeff.astype(dt) * d.astype(dt) + decay_coeff.astype(dt) * p.astype(dt)
+            if jnp.finfo(p.dtype).max < jnp.finfo(dt).max:
+                # A step float16 cannot hold (entries ~η/σ_min of an ill-conditioned partner)
+                # is shrunk as a whole to fit, never cast to inf: its halves shrink, the
+                # direction is kept. A no-op wherever the step fits.
+                big = jnp.max(jnp.abs(step), initial=0.0)
+                fits = jnp.asarray(jnp.finfo(p.dtype).max / 4, dt)
+                step = step * jnp.where(big > fits, fits / jnp.where(big > fits, big, 1.0), 1.0)
             return step.astype(p.dtype)
 
         with jax.named_scope(f"{name}/step"):

@@ -81,7 +81,13 @@ def check_int(where: str, name: str, value: Any, low: int) -> int:
     """``value`` as an int ≥ ``low`` (a Python or NumPy integer): ``TypeError`` for another
     type, ``ValueError`` below ``low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}")
+        hint = (
+            f" (a structural integer: under optax.inject_hyperparams name it in "
+            f"static_args=({name!r},))"
+            if isinstance(value, jax.Array)
+            else ""
+        )
+        raise TypeError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}{hint}")
     if value < low:
         raise ValueError(f"{where}: {name} must be an int >= {low}, got {name}={value!r}")
     return int(value)

@@ -49,15 +49,35 @@ UNROLL_MAX_DUAL_STEPS = 4
 
 
 def project(basis: jax.Array, x: jax.Array, rank_first: bool) -> jax.Array:
-    """``basisᵀ X`` (N, k, r) for ``X`` as an (N, m, r) view or its (N, r, m) rank-first form."""
+    """``basisᵀ X`` (N, k, r) for ``X`` as an (N, m, r) view or its (N, r, m) rank-first form.
+
+    A sharded tall axis of X becomes partial sums and a k×r all-reduce (the basis is
+    replicated; on explicit meshes the k×r result is, too): X is never gathered.
+    """
     spec = "Nmk,Nrm->Nkr" if rank_first else "Nmk,Nmr->Nkr"
-    return jnp.einsum(spec, basis, x, precision=_HIGHEST)
+    sharding = _polar.explicit_sharding(x)
+    if sharding is not None:  # the basis's m axis split like X's (a local slice of it)
+        x_spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        m_spec = x_spec[-1] if rank_first else x_spec[-2]
+        basis = jax.sharding.reshard(
+            basis,
+            jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(*x_spec[:-2], m_spec, None)
+            ),
+        )
+    return jnp.einsum(spec, basis, x, precision=_HIGHEST, out_sharding=_polar._gram_out_sharding(x))
 
 
-def _expand(basis: jax.Array, c: jax.Array, rank_first: bool) -> jax.Array:
-    """``basis C`` for ``C (N, k, r)``, in the view's orientation."""
+def _expand(basis: jax.Array, c: jax.Array, rank_first: bool, like: jax.Array) -> jax.Array:
+    """``basis C`` for ``C (N, k, r)``, in the view's orientation, laid out like ``like``.
+
+    With a replicated basis each device computes its own rows of the result: on an
+    explicit mesh its sharding is that of ``like`` (the momentum it is added to).
+    """
     spec = "Nmk,Nkr->Nrm" if rank_first else "Nmk,Nkr->Nmr"
-    return jnp.einsum(spec, basis, c, precision=_HIGHEST)
+    return jnp.einsum(
+        spec, basis, c, precision=_HIGHEST, out_sharding=_polar.explicit_sharding(like)
+    )
 
 
 def _inner(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -100,8 +120,10 @@ def ogd_directions(
         shifted = []
         for p, (dt, u, v, _, a, b, ua, vb), dual in zip(views, prepared, duals, strict=True):
             # G_W + U Λ Vᵀ:  M_A + U Λ̃ (VᵀB),  M_B + V Λ̃ᵀ (UᵀA).
-            mu_a = p.mu_a.astype(dt) + _expand(u, _polar._mm(dual, vb), p.a_rank_first)
-            mu_b = p.mu_b.astype(dt) + _expand(v, _polar._mm(_polar._mT(dual), ua), p.b_rank_first)
+            mu_a = p.mu_a.astype(dt) + _expand(u, _polar._mm(dual, vb), p.a_rank_first, p.mu_a)
+            mu_b = p.mu_b.astype(dt) + _expand(
+                v, _polar._mm(_polar._mT(dual), ua), p.b_rank_first, p.mu_b
+            )
             shifted.append(FactorPair(a, b, mu_a, mu_b, p.a_rank_first, p.b_rank_first))
         units = unit_directions(shifted)
         directions, residuals, new_duals = [], [], []

@@ -73,25 +73,36 @@ def _eye_like(p: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), p.shape)
 
 
-def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
-    """Output sharding of a Gram on an explicit mesh, derived from x's own type.
+def explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """x's sharding where it lives on a mesh with Explicit axes (``None`` elsewhere).
 
-    On a mesh with Explicit axes, contracting a sharded axis is ambiguous and
-    JAX asks for ``out_sharding``: the batch axes keep x's sharding and the
-    r×r axes are replicated (one r×r all-reduce; the tall axis is never
-    gathered). Auto meshes and unsharded inputs need nothing (``None``). No
-    mesh axis name is assumed: they come from ``jax.typeof(x)``.
+    Read from ``jax.typeof(x)``, so it works on traced values; no mesh axis name
+    is assumed.
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     mesh = sharding.mesh
-    if mesh.empty:
+    if mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
         return None
-    if jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+    return sharding
+
+
+def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """Output sharding of a Gram (or any contraction of x's tall axis) on an explicit mesh.
+
+    On a mesh with Explicit axes, contracting a sharded axis is ambiguous and
+    JAX asks for ``out_sharding``: the batch axes keep x's sharding and the
+    r×r axes are replicated (one r×r all-reduce; the tall axis is never
+    gathered). Auto meshes and unsharded inputs need nothing (``None``).
+    """
+    sharding = explicit_sharding(x)
+    if sharding is None:
         return None
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:-2], None, None))
+    return jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], None, None)
+    )
 
 
 def gram(x: jax.Array, *, rank_first: bool = False) -> jax.Array:

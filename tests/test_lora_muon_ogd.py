@@ -339,6 +339,19 @@ def test_bad_arguments_raise() -> None:
         lora_muon_ogd(0.1, num_bases=2, dual_step_size=-1.0)
     with pytest.raises(ValueError, match="num_bases must be an int >= 0"):
         scale_by_lora_muon_ogd(num_bases=-1)
+    # Under inject_hyperparams every numeric argument becomes an array unless it is static:
+    # the structural integers say which static_args they need.
+    params = {"lora_a": a, "lora_b": b.T}
+    with pytest.raises(TypeError, match=r"static_args=\('num_bases',\)"):
+        optax.inject_hyperparams(lora_muon_ogd)(learning_rate=0.1, num_bases=2).init(params)
+    static = ("num_bases",)
+    with pytest.raises(TypeError, match=r"static_args=\('dual_steps',\)"):
+        optax.inject_hyperparams(lora_muon_ogd, static_args=static)(
+            learning_rate=0.1, num_bases=2
+        ).init(params)
+    optax.inject_hyperparams(lora_muon_ogd, static_args=(*static, "dual_steps"))(
+        learning_rate=0.1, num_bases=2
+    ).init(params)
 
 
 def test_mixed_bf16_tree_bases_from_full_tree_one_compile() -> None:
