@@ -330,6 +330,7 @@ def _case(shape: tuple[int, int, int], dtype: str, method: str, *specs: Spec) ->
 
 
 _FULL = Spec("full", 0, 0.0, 1)
+_DUP1 = Spec("dup", 0, 0.0, 1)  # exact rank 1
 
 
 @seed(SEED)
@@ -342,18 +343,8 @@ _FULL = Spec("full", 0, 0.0, 1)
 # B's null space (the oracle: none), and with κ(M) = 1e6 that part reached the step of W
 # (6 %): the whitener's stages have gain ~1e3 there and the filter's r×r rounding survived
 # it. L's null-space part is now removed in B's own coordinates (_robust._whiteners).
-@example(_case((72, 64, 64), "float32", "gram", _FULL, Spec("dup", 0, 0.0, 1), _FULL, _FULL))
-@example(
-    _case(
-        (72, 64, 64),
-        "float32",
-        "gram",
-        _FULL,
-        Spec("dup", 0, 0.0, 1),
-        Spec("full", 0, 6.0, 1),
-        _FULL,
-    )
-)
+@example(_case((72, 64, 64), "float32", "gram", _FULL, _DUP1, _FULL, _FULL))
+@example(_case((72, 64, 64), "float32", "gram", _FULL, _DUP1, Spec("full", 0, 6.0, 1), _FULL))
 # Found by the long run (seed 3): a float16 B of rank 1 in float64 (κ ~ 1e5 after rounding)
 # had a half of 1.0014: storing U_A (entries ~1/σ_min) in float32 rounds U_A Bᵀ by ~u κ;
 # the robust form now shrinks each half by 0.5 u κ_est (_robust.ROBUST_REPRESENTATION_MARGIN).
@@ -370,17 +361,7 @@ def test_direction_properties(case: dict[str, Any]) -> None:
 @example(_case((12, 20, 12), "float64", "paper", _FULL, Spec("full", 0, 2.0, 1), _FULL, _FULL))
 # Found by the long run (seed 4): in float64, exact rank-1 B and M_A whose sign patterns
 # are orthogonal, so M_A R_B is rounding noise: the oracle took the noise for a direction.
-@example(
-    {
-        "shape": (12, 20, 12),
-        "dtype": "float64",
-        "batch": 0,
-        "method": "gram",
-        "cases": [
-            (0, [Spec("dup", 0, 0.0, 3), Spec("dup", 0, 0.0, 1), Spec("dup", 0, 0.0, 1), _FULL])
-        ],
-    }
-)
+@example(_case((12, 20, 12), "float64", "gram", Spec("dup", 0, 0.0, 3), _DUP1, _DUP1, _FULL))
 def test_direction_properties_float64(case: dict[str, Any]) -> None:
     with jax.enable_x64(True):
         _run_direction(case)
@@ -570,6 +551,13 @@ def _run_optimizer_case(case: dict[str, Any]) -> None:
                 assert err <= tol, (err, tol)
 
 
+def _opt_case(
+    shape: tuple[int, int, int], dtype: str, config: tuple[Any, ...], specs: list[Spec]
+) -> dict[str, Any]:
+    """One unstacked optimizer case (an explicit regression), in the drawn cases' format."""
+    return {"shape": shape, "dtype": dtype, "batch": 0, "config": config, "seed": 0, "specs": specs}
+
+
 @seed(SEED)
 @_settings(16)
 @given(optimizer_cases(DTYPES))
@@ -577,39 +565,33 @@ def _run_optimizer_case(case: dict[str, Any]) -> None:
 # additive update A + (cA − A) and lost every digit of the shrunk factor (ΔW 7.6× off);
 # c is now clipped to [√ε, 1/√ε] (_rebalance.max_log_gauge).
 @example(
-    {
-        "shape": (20, 12, 4),
-        "dtype": "float32",
-        "batch": 0,
-        "config": ("gram", False, True, 1.0, 0.0),
-        "seed": 0,
-        "specs": [Spec("full", 10, 0.5, 1), Spec("full", -10, 0.5, 1)] + [_FULL] * 4,
-    }
+    _opt_case(
+        (20, 12, 4),
+        "float32",
+        ("gram", False, True, 1.0, 0.0),
+        [Spec("full", 10, 0.5, 1), Spec("full", -10, 0.5, 1)] + [_FULL] * 4,
+    )
 )
 # Found by the long run (a test bug): B at 1e17, where even float64 rounds the step of W
 # away; the oracle check now needs the storage floor well below the step.
 @example(
-    {
-        "shape": (12, 1, 1),
-        "dtype": "float32",
-        "batch": 0,
-        "config": ("gram", False, False, 1.0, 0.0),
-        "seed": 0,
-        "specs": [_FULL, Spec("full", 17, 0.0, 1)] + [_FULL] * 4,
-    }
+    _opt_case(
+        (12, 1, 1),
+        "float32",
+        ("gram", False, False, 1.0, 0.0),
+        [_FULL, Spec("full", 17, 0.0, 1)] + [_FULL] * 4,
+    )
 )
 # Found by the long run (seed 4): float16 factors with B ~ 1e-3 at κ = 1e4: the exact step
 # (entries ~η/σ_min(B) = 5e5) does not fit float16 and was cast to inf; it is now shrunk
 # as a whole to fit (_base.scale_by_scaled_step).
 @example(
-    {
-        "shape": (20, 12, 4),
-        "dtype": "float16",
-        "batch": 0,
-        "config": ("gram", False, False, 1.0, 0.0),
-        "seed": 0,
-        "specs": [_FULL, Spec("full", -3, 4.0, 1)] + [_FULL] * 4,
-    }
+    _opt_case(
+        (20, 12, 4),
+        "float16",
+        ("gram", False, False, 1.0, 0.0),
+        [_FULL, Spec("full", -3, 4.0, 1)] + [_FULL] * 4,
+    )
 )
 def test_optimizer_properties(case: dict[str, Any]) -> None:
     _run_optimizer_case(case)
