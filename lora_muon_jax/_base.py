@@ -301,8 +301,8 @@ def scale_by_scaled_step(
             step_coeff, decay_coeff = -lr, -wd * lr
         if traced:  # an invalid η, λ or λη: a zero step (never a blown-up one)
             ok = _checks.valid(lr, "nonnegative") & _checks.valid(wd, "nonnegative")
-            if rule == "split":
-                ok = ok & _checks.valid(wd * lr, "decay_fraction")
+            # λη >= 1: split has no s = √(1 − λη); decoupled would zero or flip W.
+            ok = ok & _checks.valid(wd * lr, "decay_fraction")
             zero = jnp.zeros([], F32)
             step_coeff = jnp.where(ok, step_coeff, zero)
             decay_coeff = jnp.where(ok, decay_coeff, zero)

@@ -216,6 +216,29 @@ def test_traced_decay_fraction_at_least_one_is_a_zero_step() -> None:
             assert product_norm(new, name) == product_norm(params, name)
 
 
+def test_traced_decoupled_decay_at_least_one_is_a_zero_step() -> None:
+    """Dense Muon's W ← (1 − λη) W − η msign(M) with λη ≥ 1 as arrays: zero, never −999 W."""
+    from lora_muon_jax.baselines import dense_muon
+
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
+    with pytest.raises(TypeError, match=r"static_args=\('is_matrix',\)"):
+        optax.inject_hyperparams(dense_muon)(learning_rate=0.5).init(params)
+    opt = optax.inject_hyperparams(dense_muon, static_args=("is_matrix",))(
+        learning_rate=0.5, weight_decay=0.1
+    )
+
+    def update(weight_decay: float) -> jax.Array:
+        state = opt.init(params)
+        state.hyperparams["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
+        return opt.update(grads, state, params)[0]["w"]
+
+    assert float(jnp.max(jnp.abs(update(1.98)))) > 0  # λη = 0.99: a real step
+    for decay_fraction in (1.0, 2.0, 1e3, INF, NAN):
+        assert not np.any(np.asarray(update(decay_fraction / 0.5))), decay_fraction
+
+
 @pytest.mark.parametrize(
     ("name", "values"),
     [

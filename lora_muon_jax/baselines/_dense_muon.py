@@ -33,9 +33,14 @@ increment = _base.increment
 MatrixPredicate = Callable[[tuple[str, ...], Any], bool]
 
 
-def default_is_matrix(path: tuple[str, ...], leaf: Any) -> bool:
+def default_is_matrix(path: tuple[str, ...], leaf: Any = None) -> bool:
     """Default rule: every leaf with at least 2 axes (leading axes are batch axes)."""
-    del path
+    if not isinstance(path, tuple):
+        # optax.inject_hyperparams calls every callable not in static_args with the step.
+        raise TypeError(
+            f"default_is_matrix takes a leaf's key path and the leaf, got {path!r}; under "
+            "optax.inject_hyperparams name it in static_args=('is_matrix',)"
+        )
     return len(jnp.shape(leaf)) >= 2
 
 
