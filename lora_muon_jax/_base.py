@@ -310,7 +310,7 @@ def scale_by_scaled_step(
         def leaf(d: jax.Array, p: jax.Array) -> jax.Array:
             dt = _polar.compute_dtype(d.dtype, p.dtype)
             step = step_coeff.astype(dt) * d.astype(dt) + decay_coeff.astype(dt) * p.astype(dt)
-            if jnp.finfo(p.dtype).max < jnp.finfo(dt).max:
+            if jnp.finfo(p.dtype).maxexp < jnp.finfo(dt).maxexp:  # float16, not bfloat16
                 # A step float16 cannot hold (entries ~η/σ_min of an ill-conditioned partner)
                 # is shrunk as a whole to fit, never cast to inf: its halves shrink, the
                 # direction is kept. A no-op wherever the step fits.

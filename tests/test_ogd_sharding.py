@@ -2,11 +2,12 @@
 
 The layouts, meshes and helpers of ``tests/test_sharding.py``: FSDP along m on an Auto
 mesh and Megatron tensor parallel (factors over fsdp and over tp) on an Explicit one, with
-plain and scanned factors and a fallback leaf. The constraint bases come from a finished "task" (``ogd_bases_from_delta``
-on the unsharded parameters, ``update_ogd_bases``), are placed replicated (they are m×k
-and n×k with k <= r) and the dual is nonzero after the first step. Oracles: the same steps
-on one device; the compiled step's collectives — all-reduces only, each of r×r, k×r
-or k×k blocks (or per-pair scalars), never a gather, scatter or permute of a factor.
+plain and scanned factors and a fallback leaf. The constraint bases come from a finished
+"task" (``ogd_bases_from_delta`` on the unsharded parameters, ``update_ogd_bases``), are
+placed replicated (they are m×k and n×k with k <= r) and the dual is nonzero after the
+first step. Oracles: the same steps on one device; the compiled step's collectives —
+all-reduces only, each of r×r, k×r or k×k blocks (or per-pair scalars), never a gather,
+scatter or permute of a factor.
 """
 
 from __future__ import annotations

@@ -21,7 +21,13 @@ import numpy as np
 import optax
 import pytest
 
-from lora_muon_jax import _direction, lora_muon, lora_muon_direction, pair_diagnostics
+from lora_muon_jax import (
+    _direction,
+    lora_muon,
+    lora_muon_direction,
+    pair_diagnostics,
+    scale_by_split_weight_decay,
+)
 from tests import reference as ref
 
 METHODS = ("gram", "paper")
@@ -364,6 +370,23 @@ def test_float16_cold_start_never_overflows(method: str) -> None:
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((updates, state)))
             params = optax.apply_updates(params, updates)
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_float16_step_that_cannot_fit_is_shrunk_not_inf() -> None:
+    # A unit direction of 1e6 at η = 0.1: the step (1e5) exceeds float16's 65504. It is
+    # scaled as a whole to a quarter of float16's max (direction kept, never inf); the
+    # guard is float16's alone: bfloat16 and float32 steps carry no extra reduction.
+    tx = scale_by_split_weight_decay(0.1, 0.0)
+    d = jnp.asarray(np.linspace(-1e6, 1e6, 8).reshape(2, 4), jnp.float32)
+    p = jnp.ones((2, 4), jnp.float16)
+    step, _ = tx.update({"w": d}, tx.init({"w": p}), {"w": p})
+    got = np.asarray(step["w"], np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, -np.asarray(d) / 1e6 * 65504 / 4, rtol=2e-3)
+    for dtype, guarded in ((jnp.float16, True), (jnp.bfloat16, False), (jnp.float32, False)):
+        q = {"w": jnp.ones((2, 4), dtype)}
+        jaxpr = jax.make_jaxpr(lambda u, q: tx.update(u, tx.init(q), q)[0])({"w": d}, q)
+        assert ("reduce_max" in str(jaxpr)) == guarded, dtype
 
 
 def test_float16_direction_stays_in_trust_region_before_the_cast() -> None:

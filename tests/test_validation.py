@@ -29,6 +29,7 @@ from lora_muon_jax import (
     scale_by_lora_muon,
     scale_by_split_weight_decay,
 )
+from lora_muon_jax.baselines import dense_muon
 from lora_muon_jax.flax import LoRAScaleMap
 
 NAN, INF = float("nan"), float("inf")
@@ -218,8 +219,6 @@ def test_traced_decay_fraction_at_least_one_is_a_zero_step() -> None:
 
 def test_traced_decoupled_decay_at_least_one_is_a_zero_step() -> None:
     """Dense Muon's W ← (1 − λη) W − η msign(M) with λη ≥ 1 as arrays: zero, never −999 W."""
-    from lora_muon_jax.baselines import dense_muon
-
     rng = np.random.default_rng(5)
     params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
     grads = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
