@@ -281,21 +281,30 @@ def _verify(where: str, saved: dict[str, Any], got: dict[str, Any]) -> None:
         raise ValueError(f"{where}: arrays saved but not restored {missing[:3]}")
 
 
+def shape_differences(
+    saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], str | None]:
+    """Paths only in ``wanted``, only in ``saved`` (sorted), and the first common path
+    whose shapes differ (``None`` if none): what makes a checkpoint not fit a target."""
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    differ = next((p for p, shape in wanted.items() if p in saved and saved[p] != shape), None)
+    return missing, extra, differ
+
+
 def check_record_fits(where: str, record: dict[str, Any] | None, target: Any) -> None:
     """Raise ``ValueError`` (not corruption) when ``target`` has other paths or shapes."""
     if record is None:
         return
     saved = {p: tuple(a["shape"]) for p, a in record["arrays"].items()}
     wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    missing, extra, differ = shape_differences(saved, wanted)
     if missing or extra:
         raise ValueError(
             f"{where} does not fit: target paths not in the checkpoint {missing[:3]}, "
             f"checkpoint paths not in the target {extra[:3]}"
         )
-    for path, shape in wanted.items():
-        if saved[path] != shape:
-            raise ValueError(
-                f"{where} does not fit: {path} has shape {saved[path]} in the checkpoint, "
-                f"{shape} in the target"
-            )
+    if differ is not None:
+        raise ValueError(
+            f"{where} does not fit: {differ} has shape {saved[differ]} in the checkpoint, "
+            f"{wanted[differ]} in the target"
+        )

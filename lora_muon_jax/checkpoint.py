@@ -67,6 +67,7 @@ from lora_muon_jax._checkpoint_integrity import (
     read_record,
     restore_checked,
     save_checked,
+    shape_differences,
     step_name,
 )
 
@@ -233,8 +234,7 @@ def _check_fits(
     saved = _shapes_by_path(metadata)
     wanted = _shapes_by_path(current)
     where = f"{step_name(manager, step)} does not fit"
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
+    missing, extra, differ = shape_differences(saved, wanted)
     if missing or extra:
         hint = "" if not extra else f" (saved with include_base={not include_base}?)"
         raise ValueError(
@@ -242,12 +242,11 @@ def _check_fits(
             f"{missing[:3]}{'...' if len(missing) > 3 else ''}, checkpoint paths not in the "
             f"model/optimizer {extra[:3]}{'...' if len(extra) > 3 else ''}{hint}"
         )
-    for path, shape in wanted.items():
-        if saved[path] != shape:
-            raise ValueError(
-                f"{where}: {path} has shape {saved[path]} in the checkpoint, {shape} here "
-                "(another rank or model size?)"
-            )
+    if differ is not None:
+        raise ValueError(
+            f"{where}: {differ} has shape {saved[differ]} in the checkpoint, {wanted[differ]} "
+            "here (another rank or model size?)"
+        )
 
 
 def save_nnx(
