@@ -262,7 +262,7 @@ def scale_by_scaled_step(
     λη < 1 (split: s = √(1 − λη); decoupled: 1 − λη ≤ 0 would zero or flip W):
     else a ``ValueError`` here. Traced ones (schedules,
     arrays, ``inject_hyperparams``) are checked at every step: a step whose η
-    or λ is negative or not finite, or (split rule) whose λη ≥ 1, is a zero
+    or λ is negative or not finite, or whose λη ≥ 1 (either rule), is a zero
     update (the factors are neither decayed nor amplified). A valid λη is
     clipped to ``MAX_DECAY_FRACTION`` so that s ≥ 1e-3 after float32 rounding.
     """

@@ -57,7 +57,7 @@ def project(basis: jax.Array, x: jax.Array, rank_first: bool) -> jax.Array:
     spec = "Nmk,Nrm->Nkr" if rank_first else "Nmk,Nmr->Nkr"
     sharding = _polar.explicit_sharding(x)
     if sharding is not None:  # the basis's m axis split like X's (a local slice of it)
-        x_spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        x_spec = _polar.padded_spec(sharding, x.ndim)
         m_spec = x_spec[-1] if rank_first else x_spec[-2]
         basis = jax.sharding.reshard(
             basis,

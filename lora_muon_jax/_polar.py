@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,11 @@ def explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
     return sharding
 
 
+def padded_spec(sharding: jax.sharding.NamedSharding, ndim: int) -> tuple[Any, ...]:
+    """The sharding's PartitionSpec as one entry per axis of an ``ndim``-axis array."""
+    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+
+
 def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
     """Output sharding of a Gram (or any contraction of x's tall axis) on an explicit mesh.
 
@@ -99,7 +104,7 @@ def _gram_out_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
     sharding = explicit_sharding(x)
     if sharding is None:
         return None
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    spec = padded_spec(sharding, x.ndim)
     return jax.sharding.NamedSharding(
         sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], None, None)
     )
