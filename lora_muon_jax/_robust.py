@@ -72,13 +72,16 @@ def _whiteners(
     (exactly, as G_k ≈ 0 there): the filter's r×r rounding, multiplied by c,
     would leave L with a null-space part that ``M L`` mixes into the step. It is
     removed in f's own coordinates, where the subtraction is exact to the rounding
-    of L: with ``K = I − YᵀY`` (the filtered-out directions of the last stage,
-    ``Y = q F``), ``N̂ = R K / c`` is orthonormal on f's null space and
-    ``L ← L − N̂ N̂ᵀ L``. The certificate comes last, on the Gram of ``f L`` formed
-    from f itself (the chain ``q = f R`` drifts from ``f R`` by ~1e-3 at κ(f) = 1e6).
+    of L: with ``K = I − F G F`` (the filtered-out directions of the last stage,
+    ``F G F = YᵀY`` for ``Y = q F``), ``N̂ = R K / c`` is orthonormal on f's null
+    space and ``L ← L − N̂ N̂ᵀ L``. The certificate comes last, on the Gram of ``f L``
+    formed from f itself (the chain ``q = f R`` drifts from ``f R`` by ~1e-3 at
+    κ(f) = 1e6).
 
     ``factors`` holds ``(f, rank_first)`` of any shapes: the tall products
-    run per factor, every r×r stage once for all of them (``batched``).
+    run per factor, every r×r stage once for all of them (``batched``). Returns
+    ``(L, keep)`` per factor: ``keep = 1 − 0.5 u κ_est(f)`` (at least 0.5), the
+    factor by which the partner's half is shrunk (``ROBUST_REPRESENTATION_MARGIN``).
     """
     flags = [rf for _, rf in factors]
 
