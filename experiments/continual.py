@@ -174,7 +174,8 @@ def build_optimizer(method: str, cfg: Config) -> optax.GradientTransformation:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _ogd_residual(state: Any) -> jax.Array:
+def ogd_residual(state: Any) -> jax.Array:
+    """Mean over pairs of the OGD state's last residual ‖UᵀΔWV‖_F/η (0 without OGD state)."""
     is_ogd = lambda x: isinstance(x, ScaleByLoRAMuonOGDState)  # noqa: E731
     found = [x for x in jax.tree.leaves(state, is_leaf=is_ogd) if is_ogd(x)]
     if not found:
@@ -215,7 +216,7 @@ def trainer(method: str, cfg: Config) -> tuple[optax.GradientTransformation, Any
             updates, s = opt.update(grads, s, p)
             p = optax.apply_updates(p, updates)
             losses = population_losses(weight(p), xs, targets, cfg.noise)
-            return (p, s), (losses, _ogd_residual(s))
+            return (p, s), (losses, ogd_residual(s))
 
         (params, state), (curve, residual) = jax.lax.scan(
             body, (params, state), jnp.arange(cfg.steps)

@@ -67,10 +67,10 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import continual  # the synthetic curriculum: its OGD-residual reader
 import finetune_study as fs  # the base and its data helpers
 
 from lora_muon_jax import (
-    ScaleByLoRAMuonOGDState,
     lora_muon,
     lora_muon_ogd,
     ogd_bases_from_delta,
@@ -185,15 +185,6 @@ def step_fns(method: str, s: Settings, graphdef: Any) -> tuple[optax.GradientTra
     return _STEPS[method, s]
 
 
-def ogd_residual(opt_state: Any) -> float:
-    """Mean over pairs of the OGD state's last constraint residual ‖UᵀΔWV‖_F/η (0: no OGD)."""
-    is_ogd = lambda x: isinstance(x, ScaleByLoRAMuonOGDState)  # noqa: E731
-    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_ogd) if is_ogd(x)]
-    if not found:
-        return 0.0
-    return float(np.mean([float(jnp.mean(r)) for r in found[0].residual.values()]))
-
-
 def run(
     base: pathlib.Path, domains: dict[str, Domain], s: Settings, method: str, lr: float, seed: int
 ) -> dict[str, Any]:
@@ -233,7 +224,7 @@ def run(
         after = losses(lora)
         curve.append(((t + 1) * s.steps, after))
         matrix.append(after)
-        residual.append(ogd_residual(opt_state))
+        residual.append(float(continual.ogd_residual(opt_state)))
         if method == "lora_muon_ogd" and t < len(TASKS) - 1:
             bases = ogd_bases_from_delta(lora, start, s.k)
             opt_state = update_ogd_bases(opt_state, bases)
