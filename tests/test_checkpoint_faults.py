@@ -87,9 +87,12 @@ def test_flipped_byte_is_refused_naming_the_array(tmp_path: Path) -> None:
     original = data.read_bytes()
 
     # The fault, reproduced: orbax restores a flipped byte of the (zstd) chunk without
-    # an error and with a value or two changed. (A flip that hits zstd's own framing
-    # can make orbax raise instead; the next offset is tried then.)
-    for offset in (len(original) // k for k in (2, 3, 4, 5)):
+    # an error and with values changed. How many depends on where the byte lands (the
+    # file's layout differs from save to save): one value in a raw literal, thousands
+    # in an entropy-coded stream (measured: 1 to 7,447 of 32,768 over 40 offsets).
+    # A flip that hits zstd's framing can make orbax raise, and one in padding changes
+    # nothing: the next offset is tried then.
+    for offset in (len(original) * j // 16 for j in range(8, 16)):
         raw = bytearray(original)
         raw[offset] ^= 0x10
         data.write_bytes(bytes(raw))
@@ -97,11 +100,11 @@ def test_flipped_byte_is_refused_naming_the_array(tmp_path: Path) -> None:
             silent = _orbax_alone(tmp_path)
         except Exception:
             continue
-        break
+        changed = silent["params"]["lora_a"] != saved["params"]["lora_a"]
+        if changed.any():
+            break
     else:
         pytest.fail("no silent corruption to reproduce")
-    changed = silent["params"]["lora_a"] != saved["params"]["lora_a"]
-    assert 1 <= changed.sum() <= 4, changed.sum()
     np.testing.assert_array_equal(silent["params"]["lora_b"], saved["params"]["lora_b"])
 
     manager = lmc.checkpoint_manager(tmp_path)
