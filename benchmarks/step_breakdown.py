@@ -33,18 +33,23 @@ from lora_muon_jax._factors import FactorPair
 F32_BYTES = 4
 
 
-def median_ms(fn: Callable[..., Any], *args: Any, repeats: int, rounds: int) -> float:
-    """Median over rounds of the mean time of `repeats` back-to-back calls of jit(fn)."""
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
+def _median_ms(call: Callable[[], Any], repeats: int, rounds: int) -> float:
+    """Median over rounds of the mean time of `repeats` back-to-back calls (one sync each)."""
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(repeats):
-            out = jitted(*args)
+            out = call()
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / repeats)
     return float(np.median(times) * 1e3)
+
+
+def median_ms(fn: Callable[..., Any], *args: Any, repeats: int, rounds: int) -> float:
+    """Time per call of jit(fn)(*args), after a warm-up call."""
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    return _median_ms(lambda: jitted(*args), repeats, rounds)
 
 
 def loop_ms(opt: optax.GradientTransformation, params: Any, repeats: int, rounds: int) -> float:
@@ -56,15 +61,13 @@ def loop_ms(opt: optax.GradientTransformation, params: Any, repeats: int, rounds
         return optax.apply_updates(p, updates), s
 
     donated = jax.jit(step, donate_argnums=(0, 1))
-    carry = jax.block_until_ready(donated(jax.tree.map(jnp.copy, params), opt.init(params)))
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            carry = donated(*carry)
-        jax.block_until_ready(carry)
-        times.append((time.perf_counter() - t0) / repeats)
-    return float(np.median(times) * 1e3)
+    carry = [jax.block_until_ready(donated(jax.tree.map(jnp.copy, params), opt.init(params)))]
+
+    def advance() -> Any:
+        carry[0] = donated(*carry[0])
+        return carry[0]
+
+    return _median_ms(advance, repeats, rounds)
 
 
 def main() -> None:
