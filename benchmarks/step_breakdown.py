@@ -1,6 +1,6 @@
 """Where one lora_muon step's time goes, next to the machine's flop and byte floors.
 
-Run:      python benchmarks/step_breakdown.py            (~1 min on a 2-core CPU)
+Run:      python benchmarks/step_breakdown.py            (~2 min on a 2-core CPU)
           python benchmarks/step_breakdown.py --pairs 4  (smoke)
 Hardware: measured on a 2-core x86-64 VM (CPU backend, float32); runs unchanged on GPU.
 Expected: a table of the gram method's parts on 24 pairs of 1024x16 (r = 16), each jitted
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from step_time import Measured
 
 from lora_muon_jax import _polar, _robust, lora_muon
 from lora_muon_jax._factors import FactorPair
@@ -33,41 +34,31 @@ from lora_muon_jax._factors import FactorPair
 F32_BYTES = 4
 
 
-def _median_ms(call: Callable[[], Any], repeats: int, rounds: int) -> float:
-    """Median over rounds of the mean time of `repeats` back-to-back calls (one sync each)."""
+def median_ms(fn: Callable[..., Any], *args: Any, repeats: int, rounds: int) -> float:
+    """Median over rounds of the time per call of `repeats` back-to-back jit(fn)(*args)."""
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(repeats):
-            out = call()
+            out = jitted(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / repeats)
     return float(np.median(times) * 1e3)
 
 
-def median_ms(fn: Callable[..., Any], *args: Any, repeats: int, rounds: int) -> float:
-    """Time per call of jit(fn)(*args), after a warm-up call."""
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    return _median_ms(lambda: jitted(*args), repeats, rounds)
+def loop_ms(steps: dict[str, Measured], repeats: int, rounds: int) -> dict[str, float]:
+    """Donated-loop time per step of each optimizer (step_time's loop mode), interleaved."""
+    for _ in range(rounds):
+        for m in steps.values():
+            m.run(repeats)
+    return {name: m.loop_ms for name, m in steps.items()}
 
 
-def loop_ms(opt: optax.GradientTransformation, params: Any, repeats: int, rounds: int) -> float:
-    """Time per step of a donated training loop (parameters and state fed back)."""
-    grads = jax.tree.map(lambda x: 0.1 * x, params)
-
-    def step(p: Any, s: Any) -> tuple[Any, Any]:
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
-
-    donated = jax.jit(step, donate_argnums=(0, 1))
-    carry = [jax.block_until_ready(donated(jax.tree.map(jnp.copy, params), opt.init(params)))]
-
-    def advance() -> Any:
-        carry[0] = donated(*carry[0])
-        return carry[0]
-
-    return _median_ms(advance, repeats, rounds)
+def floor_ms(flops: float, nbytes: float, gflops: float, gbs: float) -> tuple[float, float]:
+    """(flop floor, byte floor) in ms at the measured matmul rate and bandwidth."""
+    return flops / gflops / 1e6, nbytes / gbs / 1e6
 
 
 def main() -> None:
@@ -126,9 +117,17 @@ def main() -> None:
         return tuple(0.9 * x + 0.1 * g for x, g in ((mu_a, a), (mu_b, b), (a, mu_a), (b, mu_b)))
 
     # lora_b (r, out): flax's layout. The loop feeds fixed gradients back, so the
-    # factors drift; at this scale every step stays on the fast form (the robust
-    # row shows what a step costs where it does not).
+    # factors drift; at this scale the measured step matches the fast form's parts
+    # (~5 ms; the robust row shows what a step costs where the robust form runs).
     params = {f"l{i}": {"lora_a": a[i], "lora_b": b[i]} for i in range(n)}
+    steps = loop_ms(
+        {
+            "lora_muon": Measured("lora_muon", lora_muon(0.1), params),
+            "adamw": Measured("optax.adamw", optax.adamw(1e-3), params),
+        },
+        reps,
+        rounds,
+    )
 
     def robust(a, b, mu_a, mu_b):
         return _robust.robust_directions_many([FactorPair(a, b, mu_a, mu_b, False, True)])
@@ -169,29 +168,29 @@ def main() -> None:
         ),
         (
             "whole step: lora_muon (gram), donated loop",
-            loop_ms(lora_muon(0.1), params, reps, rounds),
+            steps["lora_muon"],
+            # Grams 2r and M·K 2r flops per entry; reads A, B, G, M and writes M, A, B.
             (4 * 2 + 2 * 2) * factor * r,
             2 * 10 * factor * F32_BYTES,
         ),
         (
             "whole step: optax.adamw, donated loop",
-            loop_ms(optax.adamw(1e-3), params, reps, rounds),
+            steps["adamw"],
+            # ~12 flops per entry; reads p, g, m, v and writes p, m, v.
             2 * 12 * factor,
             2 * 7 * factor * F32_BYTES,
         ),
     ]
     print("\n| part | time (ms) | GFLOP | flop floor (ms) | MB moved | byte floor (ms) |")
     print("|---|---|---|---|---|---|")
-    for name, ms, flops, nbytes in rows:
-        flop_floor = flops / peak_gflops / 1e6
-        byte_floor = nbytes / bandwidth_gbs / 1e6
+    floors = [floor_ms(flops, nbytes, peak_gflops, bandwidth_gbs) for _, _, flops, nbytes in rows]
+    for (name, ms, flops, nbytes), (flop_floor, byte_floor) in zip(rows, floors, strict=True):
         print(
             f"| {name} | {ms:.3f} | {flops / 1e9:.3f} | {flop_floor:.3f} | "
             f"{nbytes / 1e6:.1f} | {byte_floor:.3f} |"
         )
-    muon, adamw = rows[-2][1], rows[-1][1]
-    muon_floor = max(rows[-2][2] / peak_gflops, rows[-2][3] / bandwidth_gbs) / 1e6
-    adamw_floor = max(rows[-1][2] / peak_gflops, rows[-1][3] / bandwidth_gbs) / 1e6
+    muon, adamw = steps["lora_muon"], steps["adamw"]
+    muon_floor, adamw_floor = max(floors[-2]), max(floors[-1])
     print(
         f"\nlora_muon / adamw: {muon / adamw:.2f}x measured (target ≤ 2x); floors "
         f"{muon_floor:.3f} / {adamw_floor:.3f} ms = {muon_floor / adamw_floor:.2f}x "
