@@ -124,7 +124,9 @@ def _inverse_eigenvalue_bound(z: jax.Array) -> jax.Array:
 
 
 @jax.named_scope("gram_form")
-def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
+def _gram_directions(
+    pairs: Sequence[FactorPair],
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     dtypes = [dtype_of(p) for p in pairs]
     # Tall products 1-4 per pair: S_A, S_B, P_A, P_B.
     grams = [
@@ -199,7 +201,7 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         ]
 
     arrays = [tall(p) for p in pairs]
-    return jax.lax.cond(
+    results = jax.lax.cond(
         jnp.all(jnp.stack(fasts)),
         lambda arrays, all_ks, fasts: fast_forms(arrays, all_ks),
         some_robust,
@@ -207,13 +209,17 @@ def _gram_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.A
         all_ks,
         fasts,
     )
+    # An r×r result (replicated on a mesh): keys the split of the stacked results.
+    return results, roots_s[0][0]
 
 
 # ---------------------------------------------------------------- paper method
 
 
 @jax.named_scope("paper_form")
-def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.Array]]:
+def _paper_directions(
+    pairs: Sequence[FactorPair],
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     # Inputs scaled to unit magnitude first (the direction is invariant to M's
     # scale and R scales as 1/c), so no Gram under- or overflows.
     scaled = [[unit_scaled(x, dtype_of(p)) for x in tall(p)] for p in pairs]
@@ -242,7 +248,7 @@ def _paper_directions(pairs: Sequence[FactorPair]) -> list[tuple[jax.Array, jax.
                 u = mm(_polar.matrix_sign(mm(mu, x_s)), x_s)
             directions.append(u * (t_s / c_s)[..., None, None])
         out.append((directions[0], directions[1]))
-    return out
+    return out, roots[0][0]
 
 
 _DIRECTION_FNS = {"gram": _gram_directions, "paper": _paper_directions}
@@ -262,6 +268,17 @@ def lora_muon_directions(
     Returns:
       ``(U_A, U_B)`` per pair in the views' shapes and orientations, float32
       (float64 where an input is float64).
+    """
+    return directions_and_anchor(pairs, method)[0]
+
+
+def directions_and_anchor(
+    pairs: Sequence[FactorPair], method: Method = "gram"
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+    """``lora_muon_directions`` plus an r×r array it computed (replicated on a mesh).
+
+    The anchor keys ``_stacking.runtime_offsets`` when the caller splits stacks
+    of pairs back (a runtime value that needs no communication).
     """
     check_method(method)
     return _DIRECTION_FNS[method](pairs)

@@ -76,10 +76,12 @@ def _stacked_directions(views: list[FactorPair], method: Method) -> list[tuple[j
         FactorPair(a, b, mu_a, mu_b, v.a_rank_first, v.b_rank_first)
         for (a, b, mu_a, mu_b), v in zip(stacked.groups, stacked.meta, strict=True)
     ]
-    results = _direction.lora_muon_directions(groups, method)
+    results, anchor = _direction.directions_and_anchor(groups, method)
     # Keep XLA from fusing every per-leaf tail (slice, scale, decay) into the
     # stacked products: without it compile time grows ~3x and nothing runs faster.
-    return stacked.split([jax.lax.optimization_barrier(r) for r in results])
+    # The split's offsets are runtime values (``_stacking.runtime_offsets``), so
+    # the per-leaf tails are one kernel for all equal-shape pairs.
+    return stacked.split([jax.lax.optimization_barrier(r) for r in results], anchor)
 
 
 def _lora_muon_pair_directions(method: Method, lora_scale: LoRAScale) -> _base.PairDirection:
