@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_muon_jax import _polar
-
 T = TypeVar("T")
 
 
@@ -97,8 +95,9 @@ def _rows(x: jax.Array, start: int | jax.Array, n: int) -> jax.Array:
 
 
 def _stacked_axis_sharded(x: jax.Array) -> bool:
-    sharding = _polar.explicit_sharding(x)
-    return sharding is not None and _polar.padded_spec(sharding, x.ndim)[0] is not None
+    """Axis 0 of ``x`` is sharded in its type (explicit meshes; ``False`` elsewhere)."""
+    spec = tuple(getattr(sharding_of(x), "spec", ()))
+    return bool(spec) and spec[0] is not None
 
 
 def runtime_offsets(anchor: jax.Array, offsets: Sequence[int]) -> list[jax.Array]:
