@@ -120,6 +120,17 @@ def val_windows(val: np.ndarray, seq_len: int, count: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- model
 
 
+# The two architecture arms (one registry: validates ``--arch`` and documents each).
+ARCHS: dict[str, str] = {
+    "base": "learned position table, untied output head (the study's original model)",
+    "qknorm": (
+        "QK-norm (RMSNorm on q and k per head, learned gains), RoPE (no position table), "
+        "output head tied to the embedding (logits = h Eᵀ, E ~ N(0, 1/width) at init)"
+    ),
+}
+ROPE_THETA = 10000.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -129,6 +140,11 @@ class ModelConfig:
     seq_len: int = 64
     rank: int | None = None  # None: dense; else every hidden matrix is A Bᵀ of this rank
     rescale: float = 1.0  # low rank only: A → cA, B → B/c at init (same W)
+    arch: str = "base"  # a key of ARCHS
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
 
     @property
     def kind(self) -> str:
@@ -165,24 +181,31 @@ def init_params(
     keys = iter(jax.random.split(key, 3 + 6 * cfg.depth))
     blocks = []
     for _ in range(cfg.depth):
-        blocks.append(
-            {
-                "norm1": jnp.ones((d,), jnp.float32),
-                "norm2": jnp.ones((d,), jnp.float32),
-                "attn": {n: init_matrix(next(keys), d, d, cfg, c) for n in ("q", "k", "v", "o")},
-                "mlp": {
-                    "up": init_matrix(next(keys), d, 4 * d, cfg, c),
-                    "down": init_matrix(next(keys), 4 * d, d, cfg, c),
-                },
-            }
-        )
-    return {
-        "embed": _normal(next(keys), (cfg.vocab_size, d), 1.0),
-        "pos": _normal(next(keys), (cfg.seq_len, d), 0.1),
+        block = {
+            "norm1": jnp.ones((d,), jnp.float32),
+            "norm2": jnp.ones((d,), jnp.float32),
+            "attn": {n: init_matrix(next(keys), d, d, cfg, c) for n in ("q", "k", "v", "o")},
+            "mlp": {
+                "up": init_matrix(next(keys), d, 4 * d, cfg, c),
+                "down": init_matrix(next(keys), 4 * d, d, cfg, c),
+            },
+        }
+        if cfg.arch == "qknorm":
+            block["q_norm"] = jnp.ones((d // cfg.heads,), jnp.float32)
+            block["k_norm"] = jnp.ones((d // cfg.heads,), jnp.float32)
+        blocks.append(block)
+    # Tied (qknorm arm): E ~ N(0, 1/width), the untied head's init, so logits h Eᵀ start
+    # at that head's scale; an N(0, 1) table would make each token predict itself.
+    params: dict[str, Any] = {
+        "embed": _normal(next(keys), (cfg.vocab_size, d), 1.0 if cfg.arch == "base" else d**-0.5),
         "blocks": blocks,
         "norm_f": jnp.ones((d,), jnp.float32),
-        "head": _normal(next(keys), (d, cfg.vocab_size), d**-0.5),
     }
+    pos_key, head_key = next(keys), next(keys)
+    if cfg.arch == "base":
+        params["pos"] = _normal(pos_key, (cfg.seq_len, d), 0.1)
+        params["head"] = _normal(head_key, (d, cfg.vocab_size), d**-0.5)
+    return params
 
 
 def _apply_matrix(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -195,22 +218,93 @@ def _rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
 
 
-def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits (B, T, vocab) of a pre-norm causal transformer (RMSNorm, GELU MLP)."""
-    b, t = tokens.shape
+def _rope(x: jax.Array) -> jax.Array:
+    """Rotary position embedding of (B, T, H, Dh) along T (half-split pairs, θ = 10⁴)."""
+    t, dh = x.shape[1], x.shape[-1]
+    inv_freq = ROPE_THETA ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # (T, Dh/2)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _attention_scores(blk: dict[str, Any], y: jax.Array, cfg: ModelConfig) -> tuple[Any, ...]:
+    """(scores (B, H, T, T) before the mask, v (B, T, H, Dh)) of one block's attention."""
+    b, t, _ = y.shape
     h, dh = cfg.heads, cfg.width // cfg.heads
-    x = params["embed"][tokens] + params["pos"][None, :t]
+    q, k, v = (_apply_matrix(blk["attn"][n], y).reshape(b, t, h, dh) for n in "qkv")
+    if cfg.arch == "qknorm":
+        q, k = _rope(_rms_norm(q, blk["q_norm"])), _rope(_rms_norm(k, blk["k_norm"]))
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh), v
+
+
+def _blocks(
+    params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The final hidden states (B, T, width) and each block's attention scores (B, H, T, T)."""
+    b, t = tokens.shape
+    x = params["embed"][tokens]
+    if cfg.arch == "base":
+        x = x + params["pos"][None, :t]
     mask = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    all_scores = []
     for blk in params["blocks"]:
-        y = _rms_norm(x, blk["norm1"])
-        q, k, v = (_apply_matrix(blk["attn"][n], y).reshape(b, t, h, dh) for n in "qkv")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-        scores = jnp.where(mask, scores, -1e30)
-        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        scores, v = _attention_scores(blk, _rms_norm(x, blk["norm1"]), cfg)
+        all_scores.append(scores)
+        probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+        att = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         x = x + _apply_matrix(blk["attn"]["o"], att.reshape(b, t, cfg.width))
         y = _rms_norm(x, blk["norm2"])
         x = x + _apply_matrix(blk["mlp"]["down"], jax.nn.gelu(_apply_matrix(blk["mlp"]["up"], y)))
-    return _rms_norm(x, params["norm_f"]) @ params["head"]
+    return _rms_norm(x, params["norm_f"]), all_scores
+
+
+def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits (B, T, vocab) of a pre-norm causal transformer (RMSNorm, GELU MLP).
+
+    ``arch="qknorm"``: q and k RMS-normalised per head (learned gains) and rotated
+    (RoPE), and the head tied to the embedding E: logits = h Eᵀ (E is initialised
+    N(0, 1/width), as the untied head is).
+    """
+    h, _ = _blocks(params, tokens, cfg)
+    if cfg.arch == "qknorm":
+        return h @ params["embed"].T
+    return h @ params["head"]
+
+
+def _matrix(p: dict[str, jax.Array]) -> jax.Array:
+    return p["kernel"] if "kernel" in p else p["lora_a"] @ p["lora_b"]
+
+
+def attention_stats(
+    params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig
+) -> dict[str, jax.Array]:
+    """What explains a learning-rate failure, on ``tokens`` (B, T) (issue: claims study).
+
+    ``wq_norm``/``wk_norm``: the largest spectral norm over blocks of W_q and W_k
+    (``A B`` for low-rank); ``max_logit``: the largest attention logit over blocks,
+    heads and causal (query, key) pairs; ``attn_entropy``: the mean over blocks,
+    heads and queries of the attention distribution's entropy (nats).
+    """
+    _, all_scores = _blocks(params, tokens, cfg)
+    t = tokens.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    max_logit = jnp.max(jnp.stack([jnp.max(jnp.where(mask, s, -jnp.inf)) for s in all_scores]))
+    entropies = []
+    for scores in all_scores:
+        logp = jax.nn.log_softmax(jnp.where(mask, scores, -1e30), axis=-1)
+        entropies.append(-jnp.sum(jnp.where(mask, jnp.exp(logp) * logp, 0.0), axis=-1).mean())
+
+    def largest_norm(name: str) -> jax.Array:
+        norms = [jnp.linalg.norm(_matrix(b["attn"][name]), ord=2) for b in params["blocks"]]
+        return jnp.max(jnp.stack(norms))
+
+    return {
+        "wq_norm": largest_norm("q"),
+        "wk_norm": largest_norm("k"),
+        "max_logit": max_logit,
+        "attn_entropy": jnp.mean(jnp.stack(entropies)),
+    }
 
 
 def loss_fn(params: dict[str, Any], window: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -330,6 +424,8 @@ class RunResult:
     wall_s: float
     n_params: int
     n_matrix_params: int
+    # attention_stats of the final parameters on the evaluation windows, each (n_lr, n_members)
+    stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def train_grid(
@@ -433,6 +529,8 @@ def train_grid(
                 )
         final = np.asarray(eval_final(params))
         wall = time.perf_counter() - t0
+        stats_of = jax.jit(jax.vmap(jax.vmap(lambda p: attention_stats(p, eval_set[:, :-1], cfg))))
+        stats = {k: np.asarray(v) for k, v in stats_of(params).items()}
     return RunResult(
         spec=spec,
         eval_steps=eval_steps,
@@ -442,6 +540,7 @@ def train_grid(
         wall_s=wall,
         n_params=n_params,
         n_matrix_params=n_matrix,
+        stats=stats,
     )
 
 
@@ -466,6 +565,7 @@ class StudyConfig:
     eval_every: int = 50
     eval_windows: int = 64
     final_eval_windows: int = 256
+    arch: str = "base"
 
 
 def _lrs_for(
@@ -494,7 +594,12 @@ def sweep_specs(
     """The runs of one sweep (``lr_rank``, ``width``, ``depth``, ``rescale``, ``quick``)."""
 
     def model(rank: int | None, **kw: Any) -> ModelConfig:
-        base = {"width": study.width, "depth": study.depth, "seq_len": study.seq_len}
+        base = {
+            "width": study.width,
+            "depth": study.depth,
+            "seq_len": study.seq_len,
+            "arch": study.arch,
+        }
         base.update(kw)
         return ModelConfig(vocab_size=vocab_size, rank=rank, **base)
 
@@ -546,17 +651,19 @@ def sweep_specs(
     return specs
 
 
+STAT_FIELDS = ("wq_norm", "wk_norm", "max_logit", "attn_entropy")
 FINAL_FIELDS = (
-    "sweep optimizer model rank width depth rescale lr seed steps batch seq_len tokens "
+    "sweep arch optimizer model rank width depth rescale lr seed steps batch seq_len tokens "
     "n_params n_matrix_params final_val_loss final_train_loss min_val_loss wall_s"
-).split()
-CURVE_FIELDS = "sweep optimizer model rank width depth rescale lr seed step val_loss".split()
+).split() + list(STAT_FIELDS)
+CURVE_FIELDS = "sweep arch optimizer model rank width depth rescale lr seed step val_loss".split()
 
 
 def result_rows(res: RunResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     s, cfg = res.spec, res.spec.model
     common = {
         "sweep": s.sweep,
+        "arch": cfg.arch,
         "optimizer": s.optimizer,
         "model": cfg.kind,
         "rank": "" if cfg.rank is None else cfg.rank,
@@ -583,6 +690,7 @@ def result_rows(res: RunResult) -> tuple[list[dict[str, Any]], list[dict[str, An
                     "final_train_loss": f"{np.mean(res.train_curves[i, j, -tail:]):.6f}",
                     "min_val_loss": f"{np.min(res.val_curves[i, j]):.6f}",
                     "wall_s": f"{res.wall_s:.1f}",
+                    **{k: f"{res.stats[k][i, j]:.6g}" for k in STAT_FIELDS if k in res.stats},
                 }
             )
             for k, step in enumerate(res.eval_steps):
@@ -600,14 +708,18 @@ def result_rows(res: RunResult) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 
 class CsvSink:
-    """Appends rows to ``<prefix>_final.csv`` and ``<prefix>_curves.csv`` as runs finish."""
+    """Rows of ``<prefix>_final.csv`` and ``<prefix>_curves.csv``, appended as runs finish.
+
+    They are written under ``.partial`` names and renamed by ``close()``, so a final
+    CSV exists only for a finished sweep (``--skip-existing`` relies on it).
+    """
 
     def __init__(self, prefix: Path) -> None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         self.final_path = prefix.with_name(prefix.name + "_final.csv")
         self.curves_path = prefix.with_name(prefix.name + "_curves.csv")
         for path, fields in ((self.final_path, FINAL_FIELDS), (self.curves_path, CURVE_FIELDS)):
-            with path.open("w", newline="") as f:
+            with _partial(path).open("w", newline="") as f:
                 csv.DictWriter(f, fieldnames=fields).writeheader()
 
     def add(self, res: RunResult) -> None:
@@ -616,8 +728,16 @@ class CsvSink:
             (self.final_path, FINAL_FIELDS, finals),
             (self.curves_path, CURVE_FIELDS, curves),
         ):
-            with path.open("a", newline="") as f:
+            with _partial(path).open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=fields).writerows(rows)
+
+    def close(self) -> None:
+        for path in (self.curves_path, self.final_path):  # the final CSV last: it marks done
+            _partial(path).replace(path)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
 
 
 def comparison_table(results: Sequence[RunResult]) -> str:
@@ -710,6 +830,17 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     p.add_argument("--max-chars", type=int, default=None, help="use only a prefix of the text")
     p.add_argument("--out", default=None, help="CSV prefix (default experiments/results/<sweep>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--arch",
+        default="base",
+        choices=sorted(ARCHS),
+        help="; ".join(f"{k}: {v}" for k, v in ARCHS.items()),
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do nothing when <out>_final.csv exists (resumable pieces of a study)",
+    )
     args = p.parse_args(argv)
 
     study = StudyConfig()
@@ -729,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         "eval_every": args.eval_every,
     }
     study = dataclasses.replace(study, **{k: v for k, v in overrides.items() if v is not None})
+    study = dataclasses.replace(study, arch=args.arch)
     if args.seeds:
         study = dataclasses.replace(study, seeds=tuple(int(s) for s in args.seeds.split(",")))
 
@@ -758,6 +890,10 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         rescale_lr=args.rescale_lr,
     )
     prefix = Path(args.out) if args.out else RESULTS / args.sweep
+    done = prefix.with_name(prefix.name + "_final.csv")
+    if args.skip_existing and done.exists():
+        print(f"# {done} exists: skipped", flush=True)
+        return []
     sink = CsvSink(prefix)
     print(
         f"# {args.sweep}: {len(specs)} compiled runs, {study}; jax {jax.__version__} "
@@ -767,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     )
     t0 = time.perf_counter()
     results = run_study(specs, corpus, study, sink, show_progress=not args.no_progress)
+    sink.close()
     print(comparison_table(results))
     print(f"# wall time {time.perf_counter() - t0:.0f} s; CSV: {sink.final_path}", flush=True)
     return results

@@ -1,0 +1,224 @@
+"""The claims study's machinery: the QK-norm arm, its parameter arithmetic, the FLOP
+accounting of ``experiments/compute.py`` and the resumable pieces of
+``experiments/claims_pieces.py``.
+
+Oracles: closed-form parameter counts; the FLOPs of every ``dot_general`` in the
+traced training step's jaxpr (what the model code really multiplies, independent of
+``compute.py``'s formulas); attention of a zero query (uniform over the causal
+prefix: entropy ``log(i + 1)`` at query i, every logit 0); float64 SVD norms.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"claims_test_{name}", _EXPERIMENTS / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sh():
+    return _load("shakespeare")
+
+
+@pytest.fixture(scope="module")
+def compute():
+    return _load("compute")
+
+
+def _params(sh, cfg, seed: int = 0):
+    with sh._standard_numpy():
+        return sh.init_params(jax.random.key(seed), cfg)
+
+
+def test_parameter_arithmetic_of_the_tied_rope_arm(sh) -> None:
+    """Rank 2 has 4.37 % of the dense parameters counting one 65×128 table and the
+    hidden matrices (the paper's ~4.3 %), 4.55 % with the norms' gains; the base arm
+    8.28 % (its position table and untied head are dense in both)."""
+    d, depth, vocab, heads = 128, 2, 65, 4
+    counts = {}
+    for arch in ("base", "qknorm"):
+        for rank in (None, 2):
+            cfg = sh.ModelConfig(vocab_size=vocab, width=d, depth=depth, rank=rank, arch=arch)
+            params = _params(sh, cfg)
+            counts[arch, rank] = (sh.count_params(params), sh.count_params(params, True))
+    dense_matrices = depth * (4 * d * d + 2 * 4 * d * d)
+    rank2_matrices = depth * (4 * 2 * (d + d) + 2 * 2 * (d + 4 * d))
+    gains = (2 * depth + 1) * d  # norm1, norm2 per block, norm_f
+    qk_gains = 2 * depth * (d // heads)
+    table = vocab * d
+    assert counts["qknorm", None] == (dense_matrices + table + gains + qk_gains, dense_matrices)
+    assert counts["qknorm", 2] == (rank2_matrices + table + gains + qk_gains, rank2_matrices)
+    base_extra = 64 * d + d * vocab  # position table (seq_len 64) and untied head
+    assert counts["base", 2][0] == rank2_matrices + table + gains + base_extra
+    share = (rank2_matrices + table) / (dense_matrices + table)
+    assert round(100 * share, 2) == 4.37
+    assert round(100 * counts["qknorm", 2][0] / counts["qknorm", None][0], 2) == 4.55
+    assert round(100 * counts["base", 2][0] / counts["base", None][0], 2) == 8.28
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 × batch × contracted × free sizes of every dot_general, sub-jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            contracted = math.prod(lhs[i] for i in lc)
+            batch = math.prod(lhs[i] for i in lb)
+            free_l = math.prod(s for i, s in enumerate(lhs) if i not in (*lc, *lb))
+            free_r = math.prod(
+                s
+                for i, s in enumerate(rhs)
+                if i not in (*rc, *eqn.params["dimension_numbers"][1][1])
+            )
+            total += 2 * batch * contracted * free_l * free_r
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    total += _dot_flops(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    total += _dot_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("arch", ["base", "qknorm"])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_flop_accounting_matches_the_traced_training_step(sh, compute, arch, rank) -> None:
+    """Forward FLOPs per token × tokens, and training = 3 × forward, as the jaxpr multiplies."""
+    width, depth, seq_len, vocab, batch = 16, 2, 8, 11, 3
+    cfg = sh.ModelConfig(
+        vocab_size=vocab, width=width, depth=depth, heads=2, seq_len=seq_len, rank=rank, arch=arch
+    )
+    params = _params(sh, cfg)
+    window = jnp.zeros((batch, seq_len + 1), jnp.int32)
+    with sh._standard_numpy():
+        fwd = jax.make_jaxpr(lambda p: sh.forward(p, window[:, :-1], cfg))(params)
+        train = jax.make_jaxpr(jax.grad(lambda p: sh.loss_fn(p, window, cfg)))(params)
+    per_token = compute.forward_flops_per_token(width, depth, seq_len, vocab, rank)
+    assert _dot_flops(fwd.jaxpr) == per_token * batch * seq_len
+    assert _dot_flops(train.jaxpr) == compute.train_flops_per_step(
+        width, depth, seq_len, vocab, rank, batch, newton_schulz=False
+    )
+
+
+def test_flop_matched_steps_of_the_study(compute) -> None:
+    """Rank 32 at width 128: 43.4 % of dense's forward FLOPs, so 1000 steps match 434 dense
+    steps; with the optimizers' FLOPs (dense Muon's 8 Newton–Schulz steps) 319."""
+    kw = {"width": 128, "depth": 2, "seq_len": 64, "vocab": 65}
+    ratio = compute.forward_flops_per_token(rank=32, **kw) / compute.forward_flops_per_token(
+        rank=None, **kw
+    )
+    assert round(100 * ratio, 1) == 43.4
+    assert compute.flop_matched_steps(1000, 32, batch=32, newton_schulz=False, **kw) == 434
+    assert compute.flop_matched_steps(1000, 32, batch=32, newton_schulz=True, **kw) == 319
+    # Newton–Schulz per step by hand: q, k, v, o (128×128) and up, down (128×512), 8 steps.
+    ns = 8 * (4 * 6 * 128**3 + 2 * (4 * 128**2 * 512 + 2 * 128**3))
+    assert compute.optimizer_flops_per_step(128, 1, None) == ns
+
+
+@pytest.mark.parametrize("arch", ["base", "qknorm"])
+def test_attention_stats_of_a_zero_query_and_known_norms(sh, arch) -> None:
+    cfg = sh.ModelConfig(vocab_size=13, width=16, depth=2, heads=2, seq_len=8, rank=None, arch=arch)
+    params = _params(sh, cfg)
+    for blk in params["blocks"]:
+        blk["attn"]["q"]["kernel"] = jnp.zeros_like(blk["attn"]["q"]["kernel"])
+    tokens = jax.random.randint(jax.random.key(1), (3, 8), 0, 13)
+    with sh._standard_numpy():
+        stats = {k: float(v) for k, v in sh.attention_stats(params, tokens, cfg).items()}
+    assert stats["max_logit"] == 0.0
+    want_entropy = float(np.mean(np.log(np.arange(1, 9))))
+    assert stats["attn_entropy"] == pytest.approx(want_entropy, rel=1e-5)
+    assert stats["wq_norm"] == 0.0
+    k_norms = [
+        np.linalg.norm(np.asarray(b["attn"]["k"]["kernel"], np.float64), 2)
+        for b in params["blocks"]
+    ]
+    assert stats["wk_norm"] == pytest.approx(max(k_norms), rel=1e-5)
+
+
+def test_qknorm_bounds_the_logits_where_the_base_arm_does_not(sh) -> None:
+    """Scaling W_q and W_k by 10 multiplies the base arm's largest logit by ~100; the
+    QK-norm arm's logits are bounded by √d_head × the gains, whatever the weights."""
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 13)
+    out = {}
+    for arch in ("base", "qknorm"):
+        cfg = sh.ModelConfig(vocab_size=13, width=32, depth=1, heads=2, seq_len=16, arch=arch)
+        params = _params(sh, cfg)
+        big = jax.tree.map(lambda x: x, params)
+        for blk in big["blocks"]:
+            for name in ("q", "k"):
+                blk["attn"][name]["kernel"] = 10 * blk["attn"][name]["kernel"]
+        with sh._standard_numpy():
+            out[arch] = [
+                float(sh.attention_stats(p, tokens, cfg)["max_logit"]) for p in (params, big)
+            ]
+    assert out["base"][1] > 50 * out["base"][0]
+    assert out["qknorm"][1] <= math.sqrt(16) * (1 + 1e-5)  # unit gains, d_head 16
+    assert out["qknorm"][1] == pytest.approx(out["qknorm"][0], rel=0.5)
+
+
+def test_plan_covers_the_grid_within_the_budget(sh) -> None:
+    pieces = _load("claims_pieces")
+    plan = pieces.plan(60.0)
+    assert len({p.name for p in plan}) == len(plan)
+    assert max(p.minutes() for p in plan) <= 60.0
+    grid = {
+        (p.arch, p.rank, lr, seed)
+        for p in plan
+        if p.name.startswith("lrrank-")
+        for lr in p.lrs
+        for seed in p.seeds
+    }
+    want = {
+        (arch, rank, lr, seed)
+        for arch in ("base", "qknorm")
+        for rank in (1, 2, 4, 8, 16, 32, None)
+        for lr in pieces.LRS
+        for seed in (0, 1, 2)
+    }
+    assert grid == want
+    assert np.allclose(np.diff(np.log(pieces.LRS)), np.log(10) / 4, rtol=0.01)
+    assert {p.batch * 64 for p in plan if p.arch == "qknorm"} == {8192}
+    claim = {(p.arch, p.rank, p.steps) for p in plan if p.name.startswith("claim2-")}
+    assert ("qknorm", None, 434) in claim and ("base", None, 319) in claim
+    claim_seeds = {s for p in plan if p.name.startswith("claim2-") for s in p.seeds}
+    assert len(claim_seeds) >= 6
+
+
+def test_a_piece_runs_once_and_is_skipped_when_its_csv_exists(tmp_path: Path) -> None:
+    pieces = _load("claims_pieces")
+    data = tmp_path / "tiny.txt"
+    data.write_text("to be or not to be that is the question\n" * 80, encoding="utf-8")
+    piece = pieces.Piece("tiny-qknorm-r2", "qknorm", 2, (0.1,), (0,), 6, 4, width=16, depth=1)
+    small = ["--seq-len=16", "--eval-every=3"]
+    assert pieces.run_piece(piece, tmp_path, data=str(data), extra=small)
+    final = tmp_path / "tiny-qknorm-r2_final.csv"
+    assert final.exists() and not (tmp_path / "tiny-qknorm-r2_final.csv.partial").exists()
+    with final.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arch"] for r in rows] == ["qknorm"]
+    assert all(math.isfinite(float(rows[0][k])) for k in ("max_logit", "attn_entropy"))
+    before = final.read_bytes()
+    assert not pieces.run_piece(piece, tmp_path, data=str(data), extra=small)
+    assert final.read_bytes() == before
