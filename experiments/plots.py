@@ -10,13 +10,15 @@ curve per rank, dense Muon dashed; ``lr_transfer_1000.png`` the same for the 100
 depth), ``rescale.png`` (validation curves under factor rescaling ×1, ×3, ×9, ×27 for
 LoRA-Muon and Spectron), and prints the issue's claims measured on the CSVs (best
 learning rate per rank, rank-32 vs dense, rescaling deltas) as markdown; see
-docs/reproduction.md for the measured output.
+docs/reproduction.md for the measured output. Where ``results/claims/`` exists (the
+claims study, ``claims_pieces.py``) it also runs ``claims_analysis.py`` on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -286,6 +288,14 @@ def main(argv: list[str] | None = None) -> None:
         if out is not None:
             print(f"wrote {out}")
     print(claims(results))
+    if (results / "claims").is_dir():  # the claims study (experiments/claims_pieces.py)
+        spec = importlib.util.spec_from_file_location(
+            "claims_analysis", Path(__file__).resolve().parent / "claims_analysis.py"
+        )
+        assert spec is not None and spec.loader is not None
+        analysis = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(analysis)
+        analysis.main(["--results", str(results / "claims")])
 
 
 if __name__ == "__main__":

@@ -222,3 +222,75 @@ def test_a_piece_runs_once_and_is_skipped_when_its_csv_exists(tmp_path: Path) ->
     before = final.read_bytes()
     assert not pieces.run_piece(piece, tmp_path, data=str(data), extra=small)
     assert final.read_bytes() == before
+
+
+# ------------------------------------------------------------------ the verdicts
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return _load("claims_analysis")
+
+
+def test_t_quantiles_match_closed_forms(analysis) -> None:
+    """df = 1 is Cauchy (quantile tan(π(p − ½))); df = 2 has F⁻¹(p) = (2p−1)/√(2p(1−p));
+    large df tends to the normal's."""
+    for p in (0.9, 0.975):
+        assert analysis.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-4)
+        want = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+        assert analysis.t_quantile(p, 2) == pytest.approx(want, rel=1e-5)
+    from statistics import NormalDist
+
+    assert analysis.t_quantile(0.975, 4000) == pytest.approx(NormalDist().inv_cdf(0.975), rel=1e-3)
+
+
+def test_interpolated_optimum_recovers_a_parabola_in_log_lr(analysis) -> None:
+    lrs = [0.01 * 1.78**k for k in range(7)]
+    star = 0.047
+    curve = [(lr, 1.9 + 0.3 * (math.log(lr) - math.log(star)) ** 2) for lr in lrs]
+    eta, loss, interior = analysis.interpolated_optimum(curve)
+    assert interior and eta == pytest.approx(star, rel=1e-9) and loss == pytest.approx(1.9)
+    edge = analysis.interpolated_optimum([(lr, -math.log(lr)) for lr in lrs])
+    assert edge == (lrs[-1], -math.log(lrs[-1]), False)
+
+
+def _row(piece, arch, rank, lr, seed, loss, steps=1000):
+    return {
+        "piece": piece, "arch": arch, "model": "dense" if rank is None else f"rank{rank}",
+        "rank": "" if rank is None else str(rank), "lr": str(lr), "seed": str(seed),
+        "steps": str(steps), "final_val_loss": str(loss),
+    }  # fmt: skip
+
+
+def test_claim_tables_from_synthetic_results(analysis) -> None:
+    """Known optima give the transfer verdicts; known paired differences give the intervals."""
+    lrs = [0.01 * 1.78**k for k in range(7)]
+    rows = []
+    for rank, star in ((2, 0.1), (32, 0.02), (None, 0.1)):
+        for lr in lrs:
+            for seed in (0, 1, 2):
+                loss = 2.0 + 0.2 * (math.log(lr / star)) ** 2 + 0.001 * seed
+                rows.append(_row("lrrank-qknorm-x", "qknorm", rank, lr, seed, loss))
+    offsets = [-0.02, -0.03, -0.025, -0.015, -0.02, -0.03]  # rank 32 below dense every seed
+    for seed, d in enumerate(offsets):
+        rows.append(_row("claim2-qknorm-r32", "qknorm", 32, 0.0562, seed, 1.8 + d))
+        rows.append(_row("claim2-qknorm-dense", "qknorm", None, 0.0562, seed, 1.8))
+        rows.append(
+            _row(
+                "claim2-qknorm-dense-flops-434steps",
+                "qknorm",
+                None,
+                0.0562,
+                seed,
+                1.8 + 0.01 * (-1) ** seed,
+                434,
+            )
+        )
+    table = "\n".join(analysis.lr_transfer_table(rows, "qknorm"))
+    assert "| 2 | 3 | 7 |" in table and table.count("| yes |") == 1 and table.count("| no |") == 1
+    claim = analysis.claim2_table(rows, "qknorm")
+    equal = next(line for line in claim if "equal steps" in line)
+    flops = next(line for line in claim if "equal FLOPs" in line)
+    mean, lo, hi = analysis.paired_interval(offsets)
+    assert f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | rank 32 better" in equal
+    assert "434 (equal FLOPs, model only)" in flops and "tie" not in equal

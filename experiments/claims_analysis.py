@@ -1,0 +1,271 @@
+"""The claims study's verdicts from its CSVs (``experiments/results/claims/*_final.csv``).
+
+Run (after pieces of ``experiments/claims_pieces.py``; also called by ``plots.py``):
+
+    .venv/bin/python experiments/claims_analysis.py
+
+Writes ``experiments/results/claims/claims_study.md`` (the tables below) and
+``attention.png`` (largest attention logit and attention entropy vs η, dense Muon
+against LoRA-Muon per rank, one column per arm), from whatever pieces exist.
+
+* **Claim 1, LR transfer** (per arm): each rank's seed-mean final validation loss vs η,
+  its best grid η and the *interpolated* optimum η* (a parabola in log η through the
+  best grid point and its neighbours; at a grid edge the edge, marked), and η* over
+  dense Muon's. Tolerance: the ratio within ×10^±0.25 (one step of the ×1.78 grid)
+  counts as "transfers".
+* **Claim 2, rank 32 vs dense** (per arm, per definition of compute matching): the
+  difference rank 32 − dense of final validation loss paired by seed, each model at its
+  own best seed-mean η, with a 95 % Student-t interval. Verdict: "rank 32 better" when
+  the interval lies below 0, "dense better" above 0, "tie" when it holds 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "claims"
+TRANSFER_TOLERANCE_DECADES = 0.25  # |log10(η*_rank / η*_dense)| within one ×1.78 grid step
+
+
+def read_all(results: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in sorted(results.glob("*_final.csv")):
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                row["piece"] = path.name[: -len("_final.csv")]
+                rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _t_pdf(t: float, df: float) -> float:
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+
+def _t_cdf(x: float, df: float, n: int = 4000) -> float:
+    """P(T <= x) for x >= 0 by Simpson's rule on the density (n even)."""
+    h = x / n
+    inner = sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, n))
+    return 0.5 + h / 3 * (_t_pdf(0.0, df) + inner + _t_pdf(x, df))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p > 1/2) of Student's t with ``df`` degrees of freedom (bisection)."""
+    if not 0.5 < p < 1:
+        raise ValueError(f"p must lie in (0.5, 1), got {p}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of the mean of ``diffs`` with a Student-t interval (n >= 2)."""
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"a paired interval needs >= 2 differences, got {n}")
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def interpolated_optimum(curve: Sequence[tuple[float, float]]) -> tuple[float, float, bool]:
+    """(η*, loss*, interior) from a parabola in log η through the best point and neighbours."""
+    finite = sorted((lr, v) for lr, v in curve if math.isfinite(v))
+    i = min(range(len(finite)), key=lambda k: finite[k][1])
+    if i == 0 or i == len(finite) - 1:
+        return finite[i][0], finite[i][1], False
+    (x0, y0), (x1, y1), (x2, y2) = ((math.log(lr), v) for lr, v in finite[i - 1 : i + 2])
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    c = y1 - a * x1 * x1 - b * x1
+    x = -b / (2 * a)
+    return math.exp(x), a * x * x + b * x + c, True
+
+
+# ---------------------------------------------------------------------- claims
+
+
+def _rank(row: dict[str, str]) -> str:
+    return "dense" if row["model"] == "dense" else row["rank"]
+
+
+def _order(rank: str) -> float:
+    return math.inf if rank == "dense" else float(rank)
+
+
+def _curves(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
+    groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[_rank(r), float(r["lr"])].append(float(r["final_val_loss"]))
+    curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (rank, lr), values in groups.items():
+        curves[rank].append((lr, sum(values) / len(values)))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def lr_transfer_table(rows: list[dict[str, str]], arch: str) -> list[str]:
+    grid = [r for r in rows if r["piece"].startswith(f"lrrank-{arch}-")]
+    curves = _curves(grid)
+    if not curves:
+        return []
+    seeds = {rank: len({r["seed"] for r in grid if _rank(r) == rank}) for rank in curves}
+    dense = interpolated_optimum(curves["dense"]) if "dense" in curves else None
+    lines = [
+        f"\n**Claim 1, arm `{arch}`** (1000 steps; η* interpolated; tolerance ×10^±"
+        f"{TRANSFER_TOLERANCE_DECADES}):\n",
+        "| rank | seeds | η points | best grid η | η* | loss at η* | η* / dense η* | transfers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rank in sorted(curves, key=_order):
+        curve = curves[rank]
+        best = min((v, lr) for lr, v in curve if math.isfinite(v))[1]
+        eta, loss, interior = interpolated_optimum(curve)
+        mark = "" if interior else " (edge)"
+        if dense is None or rank == "dense":
+            ratio, verdict = "", ""
+        else:
+            r = eta / dense[0]
+            ratio = f"{r:.2f}"
+            ok = abs(math.log10(r)) <= TRANSFER_TOLERANCE_DECADES and interior and dense[2]
+            verdict = "yes" if ok else "no"
+        lines.append(
+            f"| {rank} | {seeds[rank]} | {len(curve)} | {best:g} | {eta:.3g}{mark} | "
+            f"{loss:.4f} | {ratio} | {verdict} |"
+        )
+    return lines
+
+
+def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
+    pieces = [r for r in rows if r["piece"].startswith(f"claim2-{arch}-")]
+    runs: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    for r in pieces:
+        runs[_rank(r), int(r["steps"])].append(r)
+    low = [k for k in runs if k[0] == "32"]
+    if not low:
+        return []
+    low_key = low[0]
+    lines = [
+        f"\n**Claim 2, arm `{arch}`** (rank-32 LoRA-Muon at {low_key[1]} steps − dense Muon; "
+        "paired by seed, each at its best seed-mean η, 95 % t interval):\n",
+        "| dense steps (definition) | seeds | rank 32 | dense | difference [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def best(rs: list[dict[str, str]]) -> tuple[float, dict[str, float]]:
+        by_lr: dict[float, dict[str, float]] = defaultdict(dict)
+        for r in rs:
+            by_lr[float(r["lr"])][r["seed"]] = float(r["final_val_loss"])
+        lr = min(by_lr, key=lambda k: sum(by_lr[k].values()) / len(by_lr[k]))
+        return lr, by_lr[lr]
+
+    lr_low, low_seeds = best(runs[low_key])
+    for rank, steps in sorted(k for k in runs if k[0] == "dense"):
+        lr_dense, dense_seeds = best(runs[rank, steps])
+        names = {r["piece"] for r in runs[rank, steps]}
+        if steps == low_key[1]:
+            label = "equal steps"
+        elif any("-flops-ns-" in n for n in names):
+            label = "equal FLOPs, optimizers' counted"
+        else:
+            label = "equal FLOPs, model only"
+        shared = sorted(set(low_seeds) & set(dense_seeds), key=int)
+        if len(shared) < 2:
+            continue
+        diffs = [low_seeds[s] - dense_seeds[s] for s in shared]
+        mean, lo, hi = paired_interval(diffs)
+        verdict = "rank 32 better" if hi < 0 else "dense better" if lo > 0 else "tie"
+        lines.append(
+            f"| {steps} ({label}) | {len(shared)} | "
+            f"{sum(low_seeds[s] for s in shared) / len(shared):.4f} (η {lr_low:g}) | "
+            f"{sum(dense_seeds[s] for s in shared) / len(shared):.4f} (η {lr_dense:g}) | "
+            f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict} |"
+        )
+    return lines
+
+
+def report(results: Path) -> str:
+    rows = read_all(results)
+    if not rows:
+        return f"no claims-study CSVs under {results} yet"
+    lines = [f"Claims study: {len({r['piece'] for r in rows})} finished pieces ({results})."]
+    for arch in ("qknorm", "base"):
+        lines += lr_transfer_table(rows, arch) + claim2_table(rows, arch)
+    return "\n".join(lines)
+
+
+def plot_attention(results: Path) -> Path | None:
+    """Largest attention logit and entropy vs η (seed means), dense vs each rank, per arm."""
+    rows = [r for r in read_all(results) if r["piece"].startswith("lrrank-") and r.get("max_logit")]
+    arches = [a for a in ("qknorm", "base") if any(r["arch"] == a for r in rows)]
+    if not arches:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(arches), figsize=(5 * len(arches), 7), squeeze=False)
+    for col, arch in enumerate(arches):
+        sub = [r for r in rows if r["arch"] == arch]
+        for row_i, field, label in (
+            (0, "max_logit", "largest attention logit"),
+            (1, "attn_entropy", "attention entropy (nats)"),
+        ):
+            ax = axes[row_i][col]
+            groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+            for r in sub:
+                groups[_rank(r), float(r["lr"])].append(float(r[field]))
+            for rank in sorted({k[0] for k in groups}, key=_order):
+                pts = sorted((lr, sum(v) / len(v)) for (rk, lr), v in groups.items() if rk == rank)
+                xs, ys = zip(*pts, strict=True)
+                style = "k--s" if rank == "dense" else "-o"
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    markersize=4,
+                    label="dense Muon" if rank == "dense" else f"r={rank}",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate η")
+            ax.set_ylabel(label)
+            ax.set_title(f"arm {arch}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    out = results / "attention.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    text = report(results)
+    print(text)
+    if results.exists():
+        (results / "claims_study.md").write_text(text + "\n", encoding="utf-8")
+        figure = plot_attention(results)
+        if figure is not None:
+            print(f"wrote {figure}")
+
+
+if __name__ == "__main__":
+    main()
