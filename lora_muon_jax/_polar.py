@@ -70,7 +70,9 @@ def _sym(x: jax.Array) -> jax.Array:
 
 
 def _eye_like(p: jax.Array) -> jax.Array:
-    return jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), p.shape)
+    """Identities in p's shape, dtype and (explicit-mesh) sharding of its batch axes."""
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype).reshape((1,) * (p.ndim - 2) + p.shape[-2:])
+    return jnp.zeros_like(p) + eye
 
 
 def explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:

@@ -423,3 +423,29 @@ def test_equal_shapes_with_different_shardings_on_explicit_mesh() -> None:
     actual, _, _, compiled_text = sharded_run(opt, params, shardings)
     assert_trees_close(actual, reference_run(opt, params))
     assert [c for c in hlo_collectives(compiled_text) if c.kind != "all-reduce"] == []
+
+
+def test_scanned_layer_axis_sharded_on_explicit_mesh() -> None:
+    """Two scanned (8, 64, 4)/(8, 4, 48) stacks with the layer axis over all 8 devices.
+
+    The stacked r×r batches are then sharded along their batch axis; before the fix the
+    r×r iterations multiplied them with a replicated identity and JAX refused the matmul
+    (``float32[32,4,4]`` vs ``float32[32@x,4,4]``). Steps equal the unsharded ones and the
+    updates keep the layer sharding. Not communication-free: concatenating layer-sharded
+    stacks and cutting them back reshuffles r×r and factor blocks between devices (measured:
+    collective-permutes, all-gathers and all-to-alls); shard the long axes for that.
+    """
+    mesh = jax.make_mesh((8,), ("layers",))
+    keys = jax.random.split(jax.random.key(5), 4)
+    params = {
+        name: {
+            "lora_a": jax.random.normal(keys[2 * i], (8, D, R)) / 8.0,
+            "lora_b": jax.random.normal(keys[2 * i + 1], (8, R, 48)) / 2.0,
+        }
+        for i, name in enumerate(("p0", "p1"))
+    }
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P("layers")), params)
+    opt = make_opt()
+    actual, _, _, _ = sharded_run(opt, params, shardings)
+    assert_trees_close(actual, reference_run(opt, params))
+    assert_same_layout(actual, shardings)
