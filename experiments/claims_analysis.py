@@ -5,8 +5,9 @@ Run (after pieces of ``experiments/claims_pieces.py``; also called by ``plots.py
     .venv/bin/python experiments/claims_analysis.py
 
 Writes ``experiments/results/claims/claims_study.md`` (the tables below) and
-``attention.png`` (largest attention logit and attention entropy vs η, dense Muon
-against LoRA-Muon per rank, one column per arm), from whatever pieces exist.
+``attention.png`` (largest attention logit, attention entropy, largest ‖W_q‖₂ and ‖W_k‖₂
+vs η, dense Muon against LoRA-Muon per rank, one column per arm), from whatever
+pieces exist.
 
 * **Claim 1, LR transfer** (per arm): each rank's seed-mean final validation loss vs η,
   its best grid η and the *interpolated* optimum η* (a parabola in log η through the
@@ -16,7 +17,10 @@ against LoRA-Muon per rank, one column per arm), from whatever pieces exist.
 * **Claim 2, rank 32 vs dense** (per arm, per definition of compute matching): the
   difference rank 32 − dense of final validation loss paired by seed, each model at its
   own best seed-mean η, with a 95 % Student-t interval. Verdict: "rank 32 better" when
-  the interval lies below 0, "dense better" above 0, "tie" when it holds 0.
+  the interval lies below 0, "dense better" above 0, "tie" when it holds 0. The η are
+  chosen on the same seeds the interval uses, so it is somewhat optimistic for both
+  models; an η at the edge of its run's η set is marked (the optimum may lie outside).
+  Only η values run for every seed of their model count (a half-finished set cannot win).
 """
 
 from __future__ import annotations
@@ -33,12 +37,22 @@ TRANSFER_TOLERANCE_DECADES = 0.25  # |log10(η*_rank / η*_dense)| within one ×
 
 
 def read_all(results: Path) -> list[dict[str, str]]:
+    """Every finished piece's rows, each run once per family (``lrrank``, ``claim2``, ``panel``).
+
+    A run (arm, model, η, seed, steps, width, depth) held by two pieces of one family (a
+    re-planned grid) counts once: the first piece in name order.
+    """
     rows: list[dict[str, str]] = []
+    seen: set[tuple[str, ...]] = set()
     for path in sorted(results.glob("*_final.csv")):
+        piece = path.name[: -len("_final.csv")]
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
-                row["piece"] = path.name[: -len("_final.csv")]
-                rows.append(row)
+                fields = ("arch", "model", "lr", "seed", "steps", "width", "depth")
+                key = (piece.split("-")[0], *(row[k] for k in fields))
+                if key not in seen:
+                    seen.add(key)
+                    rows.append({**row, "piece": piece})
     return rows
 
 
@@ -91,6 +105,8 @@ def interpolated_optimum(curve: Sequence[tuple[float, float]]) -> tuple[float, f
     denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
     a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
     b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    if not a > 0:  # three equal (or concave) points: no parabola minimum, keep the grid point
+        return finite[i][0], finite[i][1], False
     c = y1 - a * x1 * x1 - b * x1
     x = -b / (2 * a)
     return math.exp(x), a * x * x + b * x + c, True
@@ -165,12 +181,15 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
 
-    def best(rs: list[dict[str, str]]) -> tuple[float, dict[str, float]]:
+    def best(rs: list[dict[str, str]]) -> tuple[str, dict[str, float]]:
         by_lr: dict[float, dict[str, float]] = defaultdict(dict)
         for r in rs:
             by_lr[float(r["lr"])][r["seed"]] = float(r["final_val_loss"])
-        lr = min(by_lr, key=lambda k: sum(by_lr[k].values()) / len(by_lr[k]))
-        return lr, by_lr[lr]
+        most = max(len(v) for v in by_lr.values())
+        full = [lr for lr, v in by_lr.items() if len(v) == most]
+        lr = min(full, key=lambda k: sum(by_lr[k].values()) / len(by_lr[k]))
+        edge = " at edge" if len(by_lr) > 1 and lr in (min(by_lr), max(by_lr)) else ""
+        return f"{lr:g}{edge}", by_lr[lr]
 
     lr_low, low_seeds = best(runs[low_key])
     for rank, steps in sorted(k for k in runs if k[0] == "dense"):
@@ -190,8 +209,8 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
         verdict = "rank 32 better" if hi < 0 else "dense better" if lo > 0 else "tie"
         lines.append(
             f"| {steps} ({label}) | {len(shared)} | "
-            f"{sum(low_seeds[s] for s in shared) / len(shared):.4f} (η {lr_low:g}) | "
-            f"{sum(dense_seeds[s] for s in shared) / len(shared):.4f} (η {lr_dense:g}) | "
+            f"{sum(low_seeds[s] for s in shared) / len(shared):.4f} (η {lr_low}) | "
+            f"{sum(dense_seeds[s] for s in shared) / len(shared):.4f} (η {lr_dense}) | "
             f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict} |"
         )
     return lines
@@ -218,13 +237,18 @@ def plot_attention(results: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(arches), figsize=(5 * len(arches), 7), squeeze=False)
+    panels = (
+        ("max_logit", "largest attention logit"),
+        ("attn_entropy", "attention entropy (nats)"),
+        ("wq_norm", "largest ‖W_q‖₂"),
+        ("wk_norm", "largest ‖W_k‖₂"),
+    )
+    fig, axes = plt.subplots(
+        len(panels), len(arches), figsize=(5 * len(arches), 3.2 * len(panels)), squeeze=False
+    )
     for col, arch in enumerate(arches):
         sub = [r for r in rows if r["arch"] == arch]
-        for row_i, field, label in (
-            (0, "max_logit", "largest attention logit"),
-            (1, "attn_entropy", "attention entropy (nats)"),
-        ):
+        for row_i, (field, label) in enumerate(panels):
             ax = axes[row_i][col]
             groups: dict[tuple[str, float], list[float]] = defaultdict(list)
             for r in sub:

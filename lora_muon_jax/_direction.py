@@ -210,7 +210,7 @@ def _gram_directions(
         fasts,
     )
     # An r×r result (replicated on a mesh): keys the split of the stacked results.
-    return results, roots_s[0][0]
+    return results, _stacking.replicated_anchor([r[0] for r in roots_s])
 
 
 # ---------------------------------------------------------------- paper method
@@ -248,7 +248,7 @@ def _paper_directions(
                 u = mm(_polar.matrix_sign(mm(mu, x_s)), x_s)
             directions.append(u * (t_s / c_s)[..., None, None])
         out.append((directions[0], directions[1]))
-    return out, roots[0][0]
+    return out, _stacking.replicated_anchor([r[0] for r in roots])
 
 
 _DIRECTION_FNS = {"gram": _gram_directions, "paper": _paper_directions}

@@ -80,7 +80,7 @@ class Stacked(Generic[T]):
             static = np.cumsum([0, *sizes[:-1]]).tolist()
             starts = (
                 static
-                if _stacked_axis_sharded(result[0])
+                if stacked_axis_sharded(result[0])
                 else runtime_offsets(result[0] if anchor is None else anchor, static)
             )
             for i, n, start in zip(idx, sizes, starts, strict=True):
@@ -94,10 +94,21 @@ def _rows(x: jax.Array, start: int | jax.Array, n: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, n, axis=0)
 
 
-def _stacked_axis_sharded(x: jax.Array) -> bool:
+def stacked_axis_sharded(x: jax.Array) -> bool:
     """Axis 0 of ``x`` is sharded in its type (explicit meshes; ``False`` elsewhere)."""
     spec = tuple(getattr(sharding_of(x), "spec", ()))
     return bool(spec) and spec[0] is not None
+
+
+def replicated_anchor(candidates: Sequence[jax.Array]) -> jax.Array:
+    """The first of ``candidates`` (r×r results) whose stacking axis is not sharded.
+
+    Where an explicit mesh shards a stack's batch axis its r×r results are sharded
+    too, and slicing two values out of them would need communication (or fail);
+    such stacks are cut statically anyway, so any other stack's result keys the
+    sort. If every candidate is sharded the anchor goes unused (static cuts only).
+    """
+    return next((c for c in candidates if not stacked_axis_sharded(c)), candidates[0])
 
 
 def runtime_offsets(anchor: jax.Array, offsets: Sequence[int]) -> list[jax.Array]:

@@ -262,8 +262,11 @@ def _row(piece, arch, rank, lr, seed, loss, steps=1000):
     }  # fmt: skip
 
 
-def test_claim_tables_from_synthetic_results(analysis) -> None:
-    """Known optima give the transfer verdicts; known paired differences give the intervals."""
+def test_claim_tables_from_synthetic_results(analysis, tmp_path: Path) -> None:
+    """Known optima give the transfer verdicts; known paired differences give the intervals.
+
+    Oracle for the interval: mean ± t₀.₉₇₅,₅ s/√6 with the tabulated t₀.₉₇₅,₅ = 2.5706.
+    """
     lrs = [0.01 * 1.78**k for k in range(7)]
     rows = []
     for rank, star in ((2, 0.1), (32, 0.02), (None, 0.1)):
@@ -273,24 +276,58 @@ def test_claim_tables_from_synthetic_results(analysis) -> None:
                 rows.append(_row("lrrank-qknorm-x", "qknorm", rank, lr, seed, loss))
     offsets = [-0.02, -0.03, -0.025, -0.015, -0.02, -0.03]  # rank 32 below dense every seed
     for seed, d in enumerate(offsets):
-        rows.append(_row("claim2-qknorm-r32", "qknorm", 32, 0.0562, seed, 1.8 + d))
-        rows.append(_row("claim2-qknorm-dense", "qknorm", None, 0.0562, seed, 1.8))
-        rows.append(
-            _row(
-                "claim2-qknorm-dense-flops-434steps",
-                "qknorm",
-                None,
-                0.0562,
-                seed,
-                1.8 + 0.01 * (-1) ** seed,
-                434,
+        for lr, extra in ((0.0316, 0.05), (0.0562, 0.0), (0.1, 0.04)):  # best η: 0.0562
+            rows.append(
+                _row("claim2-qknorm-r32-1000steps", "qknorm", 32, lr, seed, 1.8 + d + extra)
             )
+            rows.append(
+                _row("claim2-qknorm-dense-1000steps", "qknorm", None, lr, seed, 1.8 + extra)
+            )
+        rows.append(_row("claim2-qknorm-dense-flops-434steps", "qknorm", None, 0.1, seed, 1.8, 434))
+        wobble = 1.8 + d + 0.02 * (-1) ** seed  # rank 32 − dense: ∓0.02, mean 0
+        rows.append(
+            _row("claim2-qknorm-dense-flops-ns-398steps", "qknorm", None, 0.1, seed, wobble, 398)
         )
+    # A half-finished η (one seed, very low loss) must not win.
+    rows.append(_row("claim2-qknorm-r32-1000steps", "qknorm", 32, 0.178, 0, 0.5))
     table = "\n".join(analysis.lr_transfer_table(rows, "qknorm"))
     assert "| 2 | 3 | 7 |" in table and table.count("| yes |") == 1 and table.count("| no |") == 1
     claim = analysis.claim2_table(rows, "qknorm")
-    equal = next(line for line in claim if "equal steps" in line)
-    flops = next(line for line in claim if "equal FLOPs" in line)
-    mean, lo, hi = analysis.paired_interval(offsets)
-    assert f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | rank 32 better" in equal
-    assert "434 (equal FLOPs, model only)" in flops and "tie" not in equal
+    equal = next(line for line in claim if "(equal steps)" in line)
+    model_only = next(line for line in claim if "model only" in line)
+    with_ns = next(line for line in claim if "optimizers' counted" in line)
+    mean = float(np.mean(offsets))
+    half = 2.5706 * float(np.std(offsets, ddof=1)) / math.sqrt(6)
+    assert f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] | rank 32 better" in equal
+    assert "(η 0.0562)" in equal and equal.count("at edge") == 0
+    assert model_only.startswith("| 434 ") and "(η 0.1 at edge)" not in model_only
+    assert with_ns.startswith("| 398 ") and with_ns.endswith("| tie |")
+
+
+def test_interpolation_of_a_flat_curve_and_duplicate_runs(analysis, tmp_path: Path) -> None:
+    flat = [(0.01, 2.0), (0.0316, 2.0), (0.1, 2.0), (0.316, 2.0)]
+    assert analysis.interpolated_optimum(flat) == (0.01, 2.0, False)
+    fields = ["arch", "model", "rank", "lr", "seed", "steps", "width", "depth", "final_val_loss"]
+    row = {"arch": "qknorm", "model": "rank8", "rank": "8", "lr": "0.1", "seed": "0",
+           "steps": "1000", "width": "128", "depth": "2", "final_val_loss": "1.9"}  # fmt: skip
+    for name in ("lrrank-qknorm-r8-lr0.1", "lrrank-qknorm-r8-lr0.01-0.1", "claim2-qknorm-r8"):
+        with (tmp_path / f"{name}_final.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerow(row)
+    pieces = sorted(r["piece"] for r in analysis.read_all(tmp_path))
+    assert pieces == ["claim2-qknorm-r8", "lrrank-qknorm-r8-lr0.01-0.1"]
+
+
+def test_attention_plot_from_a_finished_piece(analysis, tmp_path: Path) -> None:
+    fields = ["arch", "model", "rank", "lr", "seed", "steps", "width", "depth", "final_val_loss",
+              "wq_norm", "wk_norm", "max_logit", "attn_entropy"]  # fmt: skip
+    with (tmp_path / "lrrank-qknorm-x_final.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for model, rank in (("dense", ""), ("rank8", "8")):
+            for lr in (0.0316, 0.1):
+                values = ["qknorm", model, rank, lr, 0, 1000, 128, 2, 2.0, 5.0, 6.0, 12.0, 1.0]
+                writer.writerow(dict(zip(fields, values, strict=True)))
+    out = analysis.plot_attention(tmp_path)
+    assert out == tmp_path / "attention.png" and out.stat().st_size > 10_000

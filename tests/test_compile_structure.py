@@ -8,7 +8,9 @@ split back at runtime offsets (``_stacking.runtime_offsets``) so every pair's
 tail (slice, scale, decay, ``apply_updates``) is the same kernel. With static
 slice offsets each pair had its own kernels: 114 distinct fusions at 8 pairs and
 154 at 32 (``method="gram"``), 64 and 109 (``"paper"``), measured at the commit
-before the runtime offsets (03135c6); after: 97 and 89 (``"gram"``).
+before the runtime offsets (03135c6); after: 97 and 89 (``"gram"``), 53 and 50
+(``"paper"``). This counts kernels, not seconds: the instructions per pair still grow
+(369 → 472 fusion calls), and compile time with them (benchmarks/step_time.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def _fusions(hlo_text: str) -> tuple[int, int]:
         body = re.sub(r", metadata=\{[^}]*\}", "", body)
         return re.sub(r"%[\w.\-]+", "%x", body)
 
-    called = re.findall(r"= \S+ fusion\(.*?calls=%?([\w.\-]+)", hlo_text)
+    # One fusion call per line; its result type may be a tuple with spaces (multi-output).
+    called = re.findall(
+        r"^\s*(?:ROOT )?%?[\w.\-]+ = .*? fusion\(.*?calls=%?([\w.\-]+)", hlo_text, re.M
+    )
     return len(called), len({canonical(bodies[c]) for c in called})
 
 

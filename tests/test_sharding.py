@@ -426,25 +426,31 @@ def test_equal_shapes_with_different_shardings_on_explicit_mesh() -> None:
 
 
 def test_scanned_layer_axis_sharded_on_explicit_mesh() -> None:
-    """Two scanned (8, 64, 4)/(8, 4, 48) stacks with the layer axis over all 8 devices.
+    """Two scanned (8, 64, 4)/(8, 4, 48) stacks with the layer axis over all 8 devices,
+    then two replicated 2-D pairs of one shape.
 
-    The stacked r×r batches are then sharded along their batch axis; before the fix the
-    r×r iterations multiplied them with a replicated identity and JAX refused the matmul
-    (``float32[32,4,4]`` vs ``float32[32@x,4,4]``). Steps equal the unsharded ones and the
-    updates keep the layer sharding. Not communication-free: concatenating layer-sharded
-    stacks and cutting them back reshuffles r×r and factor blocks between devices (measured:
+    The layer-sharded stacks' r×r batches are sharded along their batch axis: before the
+    fix the r×r iterations multiplied them with a replicated identity and JAX refused the
+    matmul (``float32[32,4,4]`` vs ``float32[32@layers,4,4]``), and the replicated pairs'
+    runtime split must not be keyed on those sharded results (slicing two values out of
+    them fails on an explicit mesh). Steps equal the unsharded ones and the updates keep
+    their layouts. Not communication-free: concatenating layer-sharded stacks and cutting
+    them back reshuffles r×r and factor blocks between devices (measured:
     collective-permutes, all-gathers and all-to-alls); shard the long axes for that.
     """
     mesh = jax.make_mesh((8,), ("layers",))
-    keys = jax.random.split(jax.random.key(5), 4)
+    keys = jax.random.split(jax.random.key(5), 8)
     params = {
         name: {
-            "lora_a": jax.random.normal(keys[2 * i], (8, D, R)) / 8.0,
-            "lora_b": jax.random.normal(keys[2 * i + 1], (8, R, 48)) / 2.0,
+            "lora_a": jax.random.normal(keys[2 * i], (*batch, D, R)) / 8.0,
+            "lora_b": jax.random.normal(keys[2 * i + 1], (*batch, R, 48)) / 2.0,
         }
-        for i, name in enumerate(("p0", "p1"))
+        for i, (name, batch) in enumerate((("p0", (8,)), ("p1", (8,)), ("q0", ()), ("q1", ())))
     }
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P("layers")), params)
+    shardings = {
+        name: jax.tree.map(lambda _, spec=spec: NamedSharding(mesh, spec), params[name])
+        for name, spec in (("p0", P("layers")), ("p1", P("layers")), ("q0", P()), ("q1", P()))
+    }
     opt = make_opt()
     actual, _, _, _ = sharded_run(opt, params, shardings)
     assert_trees_close(actual, reference_run(opt, params))
