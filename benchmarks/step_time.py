@@ -74,16 +74,22 @@ def llama_shapes(scale: int) -> list[tuple[str, int, int]]:
     return out
 
 
+def step_and_inputs(
+    opt: optax.GradientTransformation, params: Tree
+) -> tuple[Callable[[Tree, Any, Tree], tuple[Tree, Any]], tuple[Tree, Any, Tree]]:
+    """``update + apply_updates`` of ``opt`` and its inputs (params, state, grads = 0.1 params)."""
+
+    def step(p: Tree, s: Any, g: Tree) -> tuple[Tree, Any]:
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    return step, (params, opt.init(params), jax.tree.map(lambda x: 0.1 * x, params))
+
+
 class Measured:
     def __init__(self, name: str, opt: optax.GradientTransformation, params: Tree) -> None:
         self.name = name
-        grads = jax.tree.map(lambda x: 0.1 * x, params)
-        state = opt.init(params)
-
-        def step(p: Tree, s: Any, g: Tree) -> tuple[Tree, Any]:
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s
-
+        step, (params, state, grads) = step_and_inputs(opt, params)
         t0 = time.perf_counter()
         self.compiled = jax.jit(step).lower(params, state, grads).compile()
         self.compile_s = time.perf_counter() - t0
@@ -165,15 +171,9 @@ def compare(
 
 def compile_seconds(opt: optax.GradientTransformation, params: Tree) -> float:
     """Trace, lower and compile one donated ``update + apply_updates`` step (seconds)."""
-    state = opt.init(params)
-    grads = jax.tree.map(lambda x: 0.1 * x, params)
-
-    def step(p: Tree, s: Any, g: Tree) -> tuple[Tree, Any]:
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s
-
+    step, inputs = step_and_inputs(opt, params)
     t0 = time.perf_counter()
-    jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    jax.jit(step, donate_argnums=(0, 1)).lower(*inputs).compile()
     return time.perf_counter() - t0
 
 
