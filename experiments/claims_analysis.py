@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,51 +137,131 @@ def _curves(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
 
 def lr_transfer_table(rows: list[dict[str, str]], arch: str) -> list[str]:
     grid = [r for r in rows if r["piece"].startswith(f"lrrank-{arch}-")]
+    return transfer_table(grid, f"Claim 1, arm `{arch}`")
+
+
+def panel_runs(rows: list[dict[str, str]]) -> dict[tuple[int, int], list[dict[str, str]]]:
+    """Runs per (width, depth) on the panel arm: the panel pieces, and the LR × rank grid's
+    runs of the panel ranks and η as the (128, 2) panel. Empty until a panel piece exists."""
+    arch = "qknorm"
+    ranks = {"dense" if k is None else str(k) for k in _PIECES.PANEL_RANKS}
+    panels: dict[tuple[int, int], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        in_grid = (
+            r["piece"].startswith(f"lrrank-{arch}-")
+            and _rank(r) in ranks
+            and _is_one_of(r["lr"], _PIECES.PANEL_LRS)
+        )
+        if in_grid or r["piece"].startswith(f"panel-{arch}-"):
+            panels[int(r.get("width", 128)), int(r.get("depth", 2))].append(r)
+    return dict(panels) if len(panels) > 1 else {}
+
+
+def panel_tables(rows: list[dict[str, str]]) -> list[str]:
+    """Claim 1 per width × depth (``panel_runs``), one ``transfer_table`` each."""
+    panels = panel_runs(rows)
+    lines = []
+    for width, depth in sorted(panels):
+        lines += transfer_table(panels[width, depth], f"Panel width {width}, depth {depth}")
+    return lines
+
+
+def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
+    """Per rank (dense last): seeds, η points, best grid η, η*, loss at η*, ratio, verdict.
+
+    The verdict is "yes"/"no" (ratio within the tolerance or not) only where both the
+    rank's and dense's optimum are interior; at a grid edge it is "undecided (edge)".
+    """
     curves = _curves(grid)
-    if not curves:
-        return []
-    seeds = {rank: len({r["seed"] for r in grid if _rank(r) == rank}) for rank in curves}
     dense = interpolated_optimum(curves["dense"]) if "dense" in curves else None
+    out: list[dict[str, object]] = []
+    for rank in sorted(curves, key=_order):
+        curve = curves[rank]
+        eta, loss, interior = interpolated_optimum(curve)
+        ratio, verdict = None, ""
+        if dense is not None and rank != "dense":
+            ratio = eta / dense[0]
+            ok = abs(math.log10(ratio)) <= TRANSFER_TOLERANCE_DECADES
+            verdict = ("yes" if ok else "no") if interior and dense[2] else "undecided (edge)"
+        out.append({
+            "rank": rank, "seeds": len({r["seed"] for r in grid if _rank(r) == rank}),
+            "points": len(curve), "best": min((v, lr) for lr, v in curve if math.isfinite(v))[1],
+            "eta": eta, "loss": loss, "interior": interior, "ratio": ratio, "verdict": verdict,
+        })  # fmt: skip
+    return out
+
+
+def transfer_table(grid: list[dict[str, str]], title: str) -> list[str]:
+    """``transfer_results`` as a markdown table under ``title``."""
+    results = transfer_results(grid)
+    if not results:
+        return []
+    steps = sorted({int(r["steps"]) for r in grid})
     lines = [
-        f"\n**Claim 1, arm `{arch}`** (1000 steps; η* interpolated; tolerance ×10^±"
+        f"\n**{title}** ({'/'.join(map(str, steps))} steps; η* interpolated; tolerance ×10^±"
         f"{TRANSFER_TOLERANCE_DECADES}):\n",
         "| rank | seeds | η points | best grid η | η* | loss at η* | η* / dense η* | transfers |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for rank in sorted(curves, key=_order):
-        curve = curves[rank]
-        best = min((v, lr) for lr, v in curve if math.isfinite(v))[1]
-        eta, loss, interior = interpolated_optimum(curve)
-        mark = "" if interior else " (edge)"
-        if dense is None or rank == "dense":
-            ratio, verdict = "", ""
-        else:
-            r = eta / dense[0]
-            ratio = f"{r:.2f}"
-            ok = abs(math.log10(r)) <= TRANSFER_TOLERANCE_DECADES and interior and dense[2]
-            verdict = "yes" if ok else "no"
+    for t in results:
+        mark = "" if t["interior"] else " (edge)"
+        ratio = "" if t["ratio"] is None else f"{t['ratio']:.2f}"
         lines.append(
-            f"| {rank} | {seeds[rank]} | {len(curve)} | {best:g} | {eta:.3g}{mark} | "
-            f"{loss:.4f} | {ratio} | {verdict} |"
+            f"| {t['rank']} | {t['seeds']} | {t['points']} | {t['best']:g} | "
+            f"{t['eta']:.3g}{mark} | {t['loss']:.4f} | {ratio} | {t['verdict']} |"
         )
     return lines
 
 
-def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
-    pieces = [r for r in rows if r["piece"].startswith(f"claim2-{arch}-")]
+def _pieces_module():
+    spec = importlib.util.spec_from_file_location(
+        "claims_analysis_pieces", Path(__file__).resolve().parent / "claims_pieces.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_PIECES = _pieces_module()
+
+
+def _is_one_of(lr: str, values: Sequence[float]) -> bool:
+    return any(math.isclose(float(lr), v, rel_tol=1e-9) for v in values)
+
+
+def claim2_runs(
+    rows: list[dict[str, str]], arch: str
+) -> dict[tuple[str, int], list[dict[str, str]]]:
+    """Claim 2's runs per (model, steps): its own pieces, and at equal steps the LR × rank
+    grid's rank-32 and dense runs at the claim's η (seeds 0-2 run there, not twice)."""
     runs: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
-    for r in pieces:
-        runs[_rank(r), int(r["steps"])].append(r)
+    seen: set[tuple[str, ...]] = set()
+    grid = [
+        r
+        for r in rows
+        if r["piece"].startswith(f"lrrank-{arch}-")
+        and _rank(r) in ("32", "dense")
+        and int(r["steps"]) == _PIECES.STEPS
+        and _is_one_of(r["lr"], _PIECES.CLAIM2_LRS)
+    ]
+    for r in [r for r in rows if r["piece"].startswith(f"claim2-{arch}-")] + grid:
+        key = (_rank(r), f"{float(r['lr']):g}", r["seed"], r["steps"])
+        if key not in seen:
+            seen.add(key)
+            runs[_rank(r), int(r["steps"])].append(r)
+    return runs
+
+
+def claim2_results(rows: list[dict[str, str]], arch: str) -> list[dict[str, object]]:
+    """Per dense run length: the definition, shared seeds, each model's mean and η, the
+    paired difference rank 32 − dense with its 95 % interval, and the verdict."""
+    runs = claim2_runs(rows, arch)
     low = [k for k in runs if k[0] == "32"]
     if not low:
         return []
     low_key = low[0]
-    lines = [
-        f"\n**Claim 2, arm `{arch}`** (rank-32 LoRA-Muon at {low_key[1]} steps − dense Muon; "
-        "paired by seed, each at its best seed-mean η, 95 % t interval):\n",
-        "| dense steps (definition) | seeds | rank 32 | dense | difference [95 % CI] | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
 
     def best(rs: list[dict[str, str]]) -> tuple[str, dict[str, float]]:
         by_lr: dict[float, dict[str, float]] = defaultdict(dict)
@@ -192,6 +274,7 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
         return f"{lr:g}{edge}", by_lr[lr]
 
     lr_low, low_seeds = best(runs[low_key])
+    out: list[dict[str, object]] = []
     for rank, steps in sorted(k for k in runs if k[0] == "dense"):
         lr_dense, dense_seeds = best(runs[rank, steps])
         names = {r["piece"] for r in runs[rank, steps]}
@@ -204,16 +287,117 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
         shared = sorted(set(low_seeds) & set(dense_seeds), key=int)
         if len(shared) < 2:
             continue
-        diffs = [low_seeds[s] - dense_seeds[s] for s in shared]
-        mean, lo, hi = paired_interval(diffs)
-        verdict = "rank 32 better" if hi < 0 else "dense better" if lo > 0 else "tie"
+        mean, lo, hi = paired_interval([low_seeds[s] - dense_seeds[s] for s in shared])
+        out.append({
+            "low_steps": low_key[1], "steps": steps, "label": label, "seeds": len(shared),
+            "low": sum(low_seeds[s] for s in shared) / len(shared), "lr_low": lr_low,
+            "dense": sum(dense_seeds[s] for s in shared) / len(shared), "lr_dense": lr_dense,
+            "mean": mean, "lo": lo, "hi": hi,
+            "verdict": "rank 32 better" if hi < 0 else "dense better" if lo > 0 else "tie",
+        })  # fmt: skip
+    return out
+
+
+def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
+    """``claim2_results`` as a markdown table."""
+    results = claim2_results(rows, arch)
+    if not results:
+        return []
+    lines = [
+        f"\n**Claim 2, arm `{arch}`** (rank-32 LoRA-Muon at {results[0]['low_steps']} steps − "
+        "dense Muon; paired by seed, each at its best seed-mean η, 95 % t interval):\n",
+        "| dense steps (definition) | seeds | rank 32 | dense | difference [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in results:
         lines.append(
-            f"| {steps} ({label}) | {len(shared)} | "
-            f"{sum(low_seeds[s] for s in shared) / len(shared):.4f} (η {lr_low}) | "
-            f"{sum(dense_seeds[s] for s in shared) / len(shared):.4f} (η {lr_dense}) | "
-            f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict} |"
+            f"| {c['steps']} ({c['label']}) | {c['seeds']} | {c['low']:.4f} (η {c['lr_low']}) | "
+            f"{c['dense']:.4f} (η {c['lr_dense']}) | "
+            f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']} |"
         )
     return lines
+
+
+def _ranks_with(results: list[dict[str, object]], verdict: str) -> str:
+    return ", ".join(str(t["rank"]) for t in results if t["verdict"] == verdict) or "none"
+
+
+def summary(rows: list[dict[str, str]], results: Path) -> list[str]:
+    """One markdown table: each claim's verdict per arm and definition, with how many of
+    its pieces (``claims_pieces.plan()``) are done, so a partial study reads as partial."""
+    plan = _PIECES.plan()
+
+    def done(prefix: str) -> str:
+        mine = [p for p in plan if p.name.startswith(prefix)]
+        return f"{sum(_PIECES.is_done(p, results) for p in mine)} of {len(mine)}"
+
+    lines = [
+        "| claim | arm | compute matched by | verdict | measured | pieces done |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arch in ("qknorm", "base"):
+        grid = [r for r in rows if r["piece"].startswith(f"lrrank-{arch}-")]
+        ranks = [t for t in transfer_results(grid) if t["rank"] != "dense"]
+        if any(t["verdict"] in ("yes", "no") for t in ranks):
+            verdict = f"transfers at ranks {_ranks_with(ranks, 'yes')}"
+        else:
+            verdict = "undecided" if ranks else "not run"
+        measured = "; ".join(
+            f"r{t['rank']} η* {t['eta']:.3g}"
+            + ("" if t["interior"] else " (edge)")
+            + ("" if t["ratio"] is None else f" = {t['ratio']:.2f}× dense")
+            for t in ranks
+        ) + (f"; undecided: {_ranks_with(ranks, 'undecided (edge)')}" if ranks else "")
+        lines.append(
+            f"| 1: best η equal across ranks and dense | {arch} | steps (1000) | {verdict} | "
+            f"{measured or '—'} | {done(f'lrrank-{arch}-')} |"
+        )
+        if arch == "qknorm":
+            panels = {k: transfer_results(v) for k, v in panel_runs(rows).items()}
+            measured = "; ".join(
+                f"w{w} d{d}: " + _ranks_with(panels[w, d], "yes") + " transfer"
+                for w, d in sorted(panels)
+            )
+            lines.append(
+                f"| 1: the same across width 64/128, depth 1/2/4 | {arch} | steps (1000) | "
+                f"{'see panels' if panels else 'not run'} | {measured or '—'} | "
+                f"{done(f'panel-{arch}-')} |"
+            )
+        claim2 = {c["label"]: c for c in claim2_results(rows, arch)}
+        for label in ("equal steps", "equal FLOPs, model only", "equal FLOPs, optimizers' counted"):
+            c = claim2.get(label)
+            measured = (
+                "—"
+                if c is None
+                else f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}], {c['seeds']} seeds, "
+                f"dense {c['steps']} steps"
+            )
+            lines.append(
+                f"| 2: rank-32 LoRA-Muon ≤ dense Muon | {arch} | {label} | "
+                f"{'not run' if c is None else c['verdict']} | {measured} | "
+                f"{done(f'claim2-{arch}-')} |"
+            )
+    return lines
+
+
+BLOCK_START = "<!-- claims-study table: written by experiments/plots.py from the CSVs -->"
+BLOCK_END = "<!-- /claims-study table -->"
+
+
+def write_block(path: Path, table: Sequence[str]) -> bool:
+    """Replace the lines between ``BLOCK_START`` and ``BLOCK_END`` in ``path``; True if changed."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(BLOCK_START) + len(BLOCK_START), text.index(BLOCK_END)
+    new = text[:start] + "\n" + "\n".join(table) + "\n" + text[end:]
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def read_block(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(BLOCK_START) + len(BLOCK_START), text.index(BLOCK_END)
+    return text[start:end].strip("\n").splitlines()
 
 
 def report(results: Path) -> str:
@@ -223,7 +407,7 @@ def report(results: Path) -> str:
     lines = [f"Claims study: {len({r['piece'] for r in rows})} finished pieces ({results})."]
     for arch in ("qknorm", "base"):
         lines += lr_transfer_table(rows, arch) + claim2_table(rows, arch)
-    return "\n".join(lines)
+    return "\n".join(lines + panel_tables(rows))
 
 
 def plot_attention(results: Path) -> Path | None:
@@ -280,8 +464,14 @@ def plot_attention(results: Path) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument(
+        "--docs", nargs="*", default=[], help="markdown files whose claims-study block to rewrite"
+    )
     args = p.parse_args(argv)
     results = Path(args.results)
+    for doc in args.docs:
+        if write_block(Path(doc), summary(read_all(results), results)):
+            print(f"wrote the claims-study table in {doc}")
     text = report(results)
     print(text)
     if results.exists():

@@ -23,6 +23,7 @@ The grid (issue "Decide the paper's two open claims"):
 * claim 2: rank-32 ``lora_muon`` vs dense ``muon``, seeds 0–5, η in {0.0316, 0.0562, 0.1}
   (around both arms' optima), the dense model at equal steps (1,000) and at the
   FLOP-matched steps of ``experiments/compute.py`` (without and with the optimizers' FLOPs);
+  at equal steps seeds 0–2 are the LR × rank grid's runs, so those pieces run seeds 3–5;
 * panels: width 64/128 and depth 1/2/4 at 1,000 steps, seeds 0–2, on the ``qknorm`` arm,
   ranks 2, 8, 32 and dense, η from 0.0178 to 0.178 (the grid without its ends).
 """
@@ -43,6 +44,9 @@ RESULTS = HERE / "results" / "claims"
 
 LRS = (0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178, 0.316)  # ×1.78 (10^0.25) steps
 RANKS = (1, 2, 4, 8, 16, 32, None)
+GRID_SEEDS = (0, 1, 2)
+CLAIM2_LRS = (0.0316, 0.0562, 0.1)  # around both arms' optima
+CLAIM2_SEEDS = (0, 1, 2, 3, 4, 5)
 PANEL_RANKS = (2, 8, 32, None)
 PANEL_LRS = LRS[1:-1]  # 0.0178 … 0.178
 ARM_BATCH = {"base": 32, "qknorm": 128}  # × seq_len 64: 2,048 and 8,192 tokens per step
@@ -167,9 +171,8 @@ def plan(budget_min: float = 60.0) -> list[Piece]:
     for arch in ("qknorm", "base"):
         for rank in RANKS:
             pieces += _chunked(
-                f"lrrank-{arch}-{_rank_name(rank)}", arch, rank, LRS, (0, 1, 2), STEPS, budget_min
+                f"lrrank-{arch}-{_rank_name(rank)}", arch, rank, LRS, GRID_SEEDS, STEPS, budget_min
             )
-    claim_lrs, claim_seeds = (0.0316, 0.0562, 0.1), (0, 1, 2, 3, 4, 5)
     for arch in ("qknorm", "base"):
         dims = {"width": 128, "depth": 2, "seq_len": SEQ_LEN, "vocab": 65}
         matched = {
@@ -178,19 +181,21 @@ def plan(budget_min: float = 60.0) -> list[Piece]:
             )
             for ns in (False, True)
         }
+        # At equal steps, seeds 0-2 of these η are LR × rank grid runs (the same
+        # configurations): claims_analysis takes them from there, so only 3-5 run here.
         runs = [
-            ("r32", 32, STEPS),
-            ("dense", None, STEPS),
-            ("dense-flops", None, matched[False]),
-            ("dense-flops-ns", None, matched[True]),
+            ("r32", 32, STEPS, CLAIM2_SEEDS[len(GRID_SEEDS) :]),
+            ("dense", None, STEPS, CLAIM2_SEEDS[len(GRID_SEEDS) :]),
+            ("dense-flops", None, matched[False], CLAIM2_SEEDS),
+            ("dense-flops-ns", None, matched[True], CLAIM2_SEEDS),
         ]
-        for label, rank, steps in runs:
+        for label, rank, steps, seeds in runs:
             pieces += _chunked(
                 f"claim2-{arch}-{label}-{steps}steps",
                 arch,
                 rank,
-                claim_lrs,
-                claim_seeds,
+                CLAIM2_LRS,
+                seeds,
                 steps,
                 budget_min,
             )
@@ -201,7 +206,7 @@ def plan(budget_min: float = 60.0) -> list[Piece]:
                 "qknorm",
                 rank,
                 PANEL_LRS,
-                (0, 1, 2),
+                GRID_SEEDS,
                 STEPS,
                 budget_min,
                 width=width,

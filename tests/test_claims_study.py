@@ -202,8 +202,23 @@ def test_plan_covers_the_grid_within_the_budget(sh) -> None:
     assert {p.batch * 64 for p in plan if p.arch == "qknorm"} == {8192}
     claim = {(p.arch, p.rank, p.steps) for p in plan if p.name.startswith("claim2-")}
     assert ("qknorm", None, 434) in claim and ("base", None, 319) in claim
-    claim_seeds = {s for p in plan if p.name.startswith("claim2-") for s in p.seeds}
-    assert len(claim_seeds) >= 6
+    runs = [
+        (p.arch, p.rank, lr, seed, p.steps, p.width, p.depth)
+        for p in plan
+        for lr in p.lrs
+        for seed in p.seeds
+    ]
+    assert len(runs) == len(set(runs)), "a configuration runs twice"
+    # Claim 2 at equal steps: seeds 3-5 in its pieces, 0-2 from the grid; 6 seeds in all.
+    for arch in ("base", "qknorm"):
+        for rank in (32, None):
+            for lr in pieces.CLAIM2_LRS:
+                seeds = {
+                    s
+                    for a, k, l_, s, steps, *_ in runs
+                    if (a, k, l_, steps) == (arch, rank, lr, 1000)
+                }
+                assert seeds == set(range(6)), (arch, rank, lr, seeds)
 
 
 def test_a_piece_runs_once_and_is_skipped_when_its_csv_exists(tmp_path: Path) -> None:
@@ -331,3 +346,80 @@ def test_attention_plot_from_a_finished_piece(analysis, tmp_path: Path) -> None:
                 writer.writerow(dict(zip(fields, values, strict=True)))
     out = analysis.plot_attention(tmp_path)
     assert out == tmp_path / "attention.png" and out.stat().st_size > 10_000
+
+
+def _write_piece(folder: Path, name: str, rows: list[dict[str, str]]) -> None:
+    fields = ["arch", "model", "rank", "lr", "seed", "steps", "width", "depth", "final_val_loss"]
+    with (folder / f"{name}_final.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"width": "128", "depth": "2", **r})
+
+
+def test_claim2_takes_equal_step_seeds_from_the_grid_once(analysis) -> None:
+    """Seeds 0-2 from the LR × rank grid and 3-5 from claim 2's pieces pair into 6; a
+    duplicate of a grid run in a claim-2 piece counts once; grid η outside the claim's
+    set and other ranks are not taken."""
+    diffs = [-0.01, -0.02, -0.015, -0.03, -0.005, -0.02]
+    rows = []
+    for seed, d in enumerate(diffs):
+        family = "lrrank-qknorm-x" if seed < 3 else "claim2-qknorm-x"
+        for lr in (0.0316, 0.0562, 0.1):
+            extra = 0.0 if lr == 0.0562 else 0.05
+            rows.append(_row(family, "qknorm", 32, lr, seed, 1.8 + d + extra))
+            rows.append(_row(family, "qknorm", None, lr, seed, 1.8 + extra))
+    rows.append(_row("claim2-qknorm-y", "qknorm", 32, 0.0562, 0, 1.8 + diffs[0]))  # seed 0 again
+    rows.append(_row("lrrank-qknorm-x", "qknorm", 32, 0.01, 0, 0.1))  # not a claim-2 η
+    rows.append(_row("lrrank-qknorm-x", "qknorm", 16, 0.0562, 0, 0.1))  # not rank 32
+    runs = analysis.claim2_runs(rows, "qknorm")
+    assert sorted(runs) == [("32", 1000), ("dense", 1000)]
+    assert len(runs["32", 1000]) == len(runs["dense", 1000]) == 18
+    (result,) = analysis.claim2_results(rows, "qknorm")
+    assert result["seeds"] == 6 and result["lr_low"] == "0.0562"
+    assert result["mean"] == pytest.approx(float(np.mean(diffs)))
+
+
+def test_panels_and_the_summary_table(analysis, tmp_path: Path) -> None:
+    """Panel tables per (width, depth) with the grid as (128, 2); the summary's verdicts,
+    measured values and pieces-done counts (against claims_pieces.plan) from synthetic CSVs;
+    write_block rewrites only the marked block."""
+    lrs = [0.0178, 0.0316, 0.0562, 0.1, 0.178]
+    for name, width, depth, star_low in (("lrrank-qknorm-r8-x", 128, 2, 0.0562),
+                                          ("panel-qknorm-w64-d2-x", 64, 2, 0.178)):  # fmt: skip
+        rows = []
+        for rank, star in ((8, star_low), (None, 0.0562)):
+            for lr in lrs:
+                loss = 2.0 + 0.2 * math.log(lr / star) ** 2
+                row = _row(name, "qknorm", rank, lr, 0, loss)
+                rows.append({**row, "width": str(width), "depth": str(depth)})
+        _write_piece(tmp_path, name, rows)
+    rows = analysis.read_all(tmp_path)
+    panels = analysis.panel_runs(rows)
+    assert sorted(panels) == [(64, 2), (128, 2)]
+    tables = "\n".join(analysis.panel_tables(rows))
+    assert "**Panel width 64, depth 2**" in tables and "**Panel width 128, depth 2**" in tables
+    assert "| 8 | 1 | 5 | 0.0562 | 0.0562 | 2.0000 | 1.00 | yes |" in tables
+    assert "| 8 | 1 | 5 | 0.178 | 0.178 (edge) |" in tables and "undecided (edge)" in tables
+    summary = analysis.summary(rows, tmp_path)
+    claim1 = next(line for line in summary if line.startswith("| 1: best η") and "qknorm" in line)
+    assert "| transfers at ranks 8 |" in claim1 and "r8 η* 0.0562 = 1.00× dense" in claim1
+    n_grid = sum(p.name.startswith("lrrank-qknorm-") for p in analysis._PIECES.plan())
+    assert claim1.endswith(f"| 0 of {n_grid} |")  # the synthetic piece is not a planned one
+    panel = next(line for line in summary if "width 64/128" in line)
+    assert "w64 d2: none transfer; w128 d2: 8 transfer" in panel
+    assert sum("| not run |" in line for line in summary) == 7  # claim 2 x 6, base claim 1
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{analysis.BLOCK_START}\nold\n{analysis.BLOCK_END}\nafter\n")
+    assert analysis.write_block(doc, summary) and not analysis.write_block(doc, summary)
+    assert analysis.read_block(doc) == summary
+    assert doc.read_text().startswith("intro\n") and doc.read_text().endswith("\nafter\n")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/reproduction.md"])
+def test_the_docs_claims_table_is_the_committed_csvs(analysis, doc: str) -> None:
+    """The table in README.md and docs/reproduction.md is what ``plots.py`` writes from
+    the committed results (rerun it after committing pieces)."""
+    results = analysis.RESULTS
+    want = analysis.summary(analysis.read_all(results), results)
+    assert analysis.read_block(_EXPERIMENTS.parent / doc) == want
