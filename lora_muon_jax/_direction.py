@@ -47,7 +47,14 @@ import jax
 import jax.numpy as jnp
 
 from lora_muon_jax import _polar, _robust, _stacking
-from lora_muon_jax._factors import FactorPair, dtype_of, mm, tall, times, unit_scaled
+from lora_muon_jax._factors import (
+    FactorPair,
+    dtype_of,
+    mm,
+    tall,
+    times_symmetric,
+    unit_scaled,
+)
 
 Method = Literal["gram", "paper"]
 # One registry: validates `method` everywhere and documents each value.
@@ -171,7 +178,8 @@ def _gram_directions(
         ):
             d = _max_diag(g_p)
             inv_sqrt_d = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
-            k = mm(x_s, mm(x_q, x_s)) * (t_q * inv_sqrt_d * t_s)[..., None, None]
+            # Symmetric exactly (it is in exact arithmetic), so M K takes times_symmetric.
+            k = _polar._sym(mm(x_s, mm(x_q, x_s))) * (t_q * inv_sqrt_d * t_s)[..., None, None]
             ks.append(jnp.where(jnp.isfinite(k), k, 0.0))
         fasts.append(jnp.all(fast))  # a stack takes one form for all its pairs
         all_ks.append(tuple(ks))
@@ -179,8 +187,8 @@ def _gram_directions(
     def fast_forms(arrays, all_ks):
         return [
             (
-                times(mu_a.astype(dt), ks[0], p.a_rank_first),
-                times(mu_b.astype(dt), ks[1], p.b_rank_first),
+                times_symmetric(mu_a.astype(dt), ks[0], p.a_rank_first),
+                times_symmetric(mu_b.astype(dt), ks[1], p.b_rank_first),
             )
             for (_, _, mu_a, mu_b), ks, dt, p in zip(arrays, all_ks, dtypes, pairs, strict=True)
         ]
