@@ -117,18 +117,20 @@ def interpolated_optimum(curve: Sequence[tuple[float, float]]) -> tuple[float, f
 # ---------------------------------------------------------------------- claims
 
 
-def _rank(row: dict[str, str]) -> str:
+def rank_of(row: dict[str, str]) -> str:
+    """A run's rank as a string, ``"dense"`` for the dense model (the tables' key)."""
     return "dense" if row["model"] == "dense" else row["rank"]
 
 
-def _order(rank: str) -> float:
+def rank_order(rank: str) -> float:
+    """Sort key of ``rank_of``: ranks ascending, dense last."""
     return math.inf if rank == "dense" else float(rank)
 
 
 def _curves(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
     groups: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in rows:
-        groups[_rank(r), float(r["lr"])].append(float(r["final_val_loss"]))
+        groups[rank_of(r), float(r["lr"])].append(float(r["final_val_loss"]))
     curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (rank, lr), values in groups.items():
         curves[rank].append((lr, sum(values) / len(values)))
@@ -149,7 +151,7 @@ def panel_runs(rows: list[dict[str, str]]) -> dict[tuple[int, int], list[dict[st
     for r in rows:
         in_grid = (
             r["piece"].startswith(f"lrrank-{arch}-")
-            and _rank(r) in ranks
+            and rank_of(r) in ranks
             and _is_one_of(r["lr"], _PIECES.PANEL_LRS)
         )
         if in_grid or r["piece"].startswith(f"panel-{arch}-"):
@@ -175,7 +177,7 @@ def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
     curves = _curves(grid)
     dense = interpolated_optimum(curves["dense"]) if "dense" in curves else None
     out: list[dict[str, object]] = []
-    for rank in sorted(curves, key=_order):
+    for rank in sorted(curves, key=rank_order):
         curve = curves[rank]
         eta, loss, interior = interpolated_optimum(curve)
         ratio, verdict = None, ""
@@ -184,7 +186,7 @@ def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
             ok = abs(math.log10(ratio)) <= TRANSFER_TOLERANCE_DECADES
             verdict = ("yes" if ok else "no") if interior and dense[2] else "undecided (edge)"
         out.append({
-            "rank": rank, "seeds": len({r["seed"] for r in grid if _rank(r) == rank}),
+            "rank": rank, "seeds": len({r["seed"] for r in grid if rank_of(r) == rank}),
             "points": len(curve), "best": min((v, lr) for lr, v in curve if math.isfinite(v))[1],
             "eta": eta, "loss": loss, "interior": interior, "ratio": ratio, "verdict": verdict,
         })  # fmt: skip
@@ -242,15 +244,15 @@ def claim2_runs(
         r
         for r in rows
         if r["piece"].startswith(f"lrrank-{arch}-")
-        and _rank(r) in ("32", "dense")
+        and rank_of(r) in ("32", "dense")
         and int(r["steps"]) == _PIECES.STEPS
         and _is_one_of(r["lr"], _PIECES.CLAIM2_LRS)
     ]
     for r in [r for r in rows if r["piece"].startswith(f"claim2-{arch}-")] + grid:
-        key = (_rank(r), f"{float(r['lr']):g}", r["seed"], r["steps"])
+        key = (rank_of(r), f"{float(r['lr']):g}", r["seed"], r["steps"])
         if key not in seen:
             seen.add(key)
-            runs[_rank(r), int(r["steps"])].append(r)
+            runs[rank_of(r), int(r["steps"])].append(r)
     return runs
 
 
@@ -436,8 +438,8 @@ def plot_attention(results: Path) -> Path | None:
             ax = axes[row_i][col]
             groups: dict[tuple[str, float], list[float]] = defaultdict(list)
             for r in sub:
-                groups[_rank(r), float(r["lr"])].append(float(r[field]))
-            for rank in sorted({k[0] for k in groups}, key=_order):
+                groups[rank_of(r), float(r["lr"])].append(float(r[field]))
+            for rank in sorted({k[0] for k in groups}, key=rank_order):
                 pts = sorted((lr, sum(v) / len(v)) for (rk, lr), v in groups.items() if rk == rank)
                 xs, ys = zip(*pts, strict=True)
                 style = "k--s" if rank == "dense" else "-o"

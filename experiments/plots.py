@@ -34,6 +34,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _load_analysis():
+    spec = importlib.util.spec_from_file_location(
+        "claims_analysis", Path(__file__).resolve().parent / "claims_analysis.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+analysis = _load_analysis()  # the claims study's verdicts; also its rank key and order
+_key_rank, _rank_order = analysis.rank_of, analysis.rank_order
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -47,14 +61,6 @@ def read_sweep(results: Path, sweep: str) -> list[dict[str, str]]:
     for path in sorted(results.glob(f"{sweep}*_final.csv")):
         rows += read_rows(path)
     return rows
-
-
-def _key_rank(row: dict[str, str]) -> str:
-    return "dense" if row["model"] == "dense" else row["rank"]
-
-
-def _rank_order(rank: str) -> float:
-    return math.inf if rank == "dense" else float(rank)
 
 
 def seed_mean(rows: Iterable[dict[str, str]], keys: tuple[str, ...]) -> dict[tuple, float]:
@@ -290,12 +296,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {out}")
     print(claims(results))
     if (results / "claims").is_dir():  # the claims study (experiments/claims_pieces.py)
-        spec = importlib.util.spec_from_file_location(
-            "claims_analysis", Path(__file__).resolve().parent / "claims_analysis.py"
-        )
-        assert spec is not None and spec.loader is not None
-        analysis = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(analysis)
         # The committed results also rewrite the claims table in README.md and the docs.
         docs = [str(ROOT / "README.md"), str(ROOT / "docs" / "reproduction.md")]
         committed = results.resolve() == RESULTS.resolve()
