@@ -29,7 +29,7 @@ import optax
 from step_time import Measured
 
 from lora_muon_jax import _polar, _robust, lora_muon
-from lora_muon_jax._factors import FactorPair
+from lora_muon_jax._factors import FactorPair, times_symmetric
 
 F32_BYTES = 4
 
@@ -107,11 +107,11 @@ def main() -> None:
     s = jnp.concatenate([_polar.gram(a), _polar.gram(b, rank_first=True)])
     kk = jax.random.normal(key, (n, r, r))
 
+    kk = _polar._sym(kk)  # the gram form's K is symmetric
+
     def tall_products(mu_a, mu_b, kk):
-        return (
-            jnp.matmul(mu_a, kk, precision="highest"),
-            jnp.einsum("nrm,nrs->nsm", mu_b, kk, precision="highest"),
-        )
+        # The step's own products: M_A K (column layout), K M_B (rank-first layout).
+        return times_symmetric(mu_a, kk, False), times_symmetric(mu_b, kk, True)
 
     def ema(a, b, mu_a, mu_b):
         return tuple(0.9 * x + 0.1 * g for x, g in ((mu_a, a), (mu_b, b), (a, mu_a), (b, mu_b)))

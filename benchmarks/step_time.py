@@ -239,8 +239,9 @@ def end_to_end(args: argparse.Namespace, dtype: Any) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(finetune.train_step(model, optimizer, batches[0]))
         steppers[name] = (model, optimizer, time.perf_counter() - t0, [])
-    for _ in range(args.e2e_rounds):
-        for model, optimizer, _, times in steppers.values():
+    for round_ in range(args.e2e_rounds):
+        order = list(steppers.values())
+        for model, optimizer, _, times in order[:: -1 if round_ % 2 else 1]:  # alternate who leads
             t0 = time.perf_counter()
             for i in range(args.repeats):
                 loss = finetune.train_step(model, optimizer, batches[i % len(batches)])

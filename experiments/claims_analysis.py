@@ -127,10 +127,24 @@ def rank_order(rank: str) -> float:
     return math.inf if rank == "dense" else float(rank)
 
 
+def _common_seeds(rows: list[dict[str, str]]) -> dict[str, set[str]]:
+    """Per rank, the seeds run at every one of its η (a curve compares equal seed sets)."""
+    seeds: dict[tuple[str, float], set[str]] = defaultdict(set)
+    for r in rows:
+        seeds[rank_of(r), float(r["lr"])].add(r["seed"])
+    common: dict[str, set[str]] = {}
+    for (rank, _), s in seeds.items():
+        common[rank] = common[rank] & s if rank in common else set(s)
+    return common
+
+
 def _curves(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
+    """Per rank, the mean final validation loss per η over the rank's common seeds."""
+    common = _common_seeds(rows)
     groups: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in rows:
-        groups[rank_of(r), float(r["lr"])].append(float(r["final_val_loss"]))
+        if r["seed"] in common[rank_of(r)]:
+            groups[rank_of(r), float(r["lr"])].append(float(r["final_val_loss"]))
     curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (rank, lr), values in groups.items():
         curves[rank].append((lr, sum(values) / len(values)))
@@ -174,7 +188,7 @@ def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
     The verdict is "yes"/"no" (ratio within the tolerance or not) only where both the
     rank's and dense's optimum are interior; at a grid edge it is "undecided (edge)".
     """
-    curves = _curves(grid)
+    curves, common = _curves(grid), _common_seeds(grid)
     dense = interpolated_optimum(curves["dense"]) if "dense" in curves else None
     out: list[dict[str, object]] = []
     for rank in sorted(curves, key=rank_order):
@@ -186,7 +200,7 @@ def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
             ok = abs(math.log10(ratio)) <= TRANSFER_TOLERANCE_DECADES
             verdict = ("yes" if ok else "no") if interior and dense[2] else "undecided (edge)"
         out.append({
-            "rank": rank, "seeds": len({r["seed"] for r in grid if rank_of(r) == rank}),
+            "rank": rank, "seeds": len(common[rank]),
             "points": len(curve), "best": min((v, lr) for lr, v in curve if math.isfinite(v))[1],
             "eta": eta, "loss": loss, "interior": interior, "ratio": ratio, "verdict": verdict,
         })  # fmt: skip
@@ -320,18 +334,31 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
     return lines
 
 
-def _ranks_with(results: list[dict[str, object]], verdict: str) -> str:
-    return ", ".join(str(t["rank"]) for t in results if t["verdict"] == verdict) or "none"
+def _by_verdict(results: list[dict[str, object]]) -> str:
+    """ "transfers at ranks 2, 8; not at 32; undecided at 1" (empty parts left out)."""
+    parts = []
+    for verdict, label in (
+        ("yes", "transfers at ranks"),
+        ("no", "not at"),
+        ("undecided (edge)", "undecided at"),
+    ):
+        ranks = [str(t["rank"]) for t in results if t["verdict"] == verdict]
+        if ranks:
+            parts.append(f"{label} {', '.join(ranks)}")
+    return "; ".join(parts)
 
 
 def summary(rows: list[dict[str, str]], results: Path) -> list[str]:
     """One markdown table: each claim's verdict per arm and definition, with how many of
-    its pieces (``claims_pieces.plan()``) are done, so a partial study reads as partial."""
+    the pieces its runs come from (``claims_pieces.plan()``) are done, so a partial study
+    reads as partial."""
     plan = _PIECES.plan()
 
-    def done(prefix: str) -> str:
-        mine = [p for p in plan if p.name.startswith(prefix)]
-        return f"{sum(_PIECES.is_done(p, results) for p in mine)} of {len(mine)}"
+    def done(pieces: list) -> str:
+        return f"{sum(_PIECES.is_done(p, results) for p in pieces)} of {len(pieces)}"
+
+    def named(prefix: str) -> list:
+        return [p for p in plan if p.name.startswith(prefix)]
 
     lines = [
         "| claim | arm | compute matched by | verdict | measured | pieces done |",
@@ -339,34 +366,51 @@ def summary(rows: list[dict[str, str]], results: Path) -> list[str]:
     ]
     for arch in ("qknorm", "base"):
         grid = [r for r in rows if r["piece"].startswith(f"lrrank-{arch}-")]
-        ranks = [t for t in transfer_results(grid) if t["rank"] != "dense"]
-        if any(t["verdict"] in ("yes", "no") for t in ranks):
-            verdict = f"transfers at ranks {_ranks_with(ranks, 'yes')}"
-        else:
-            verdict = "undecided" if ranks else "not run"
+        everyone = transfer_results(grid)
+        ranks = [t for t in everyone if t["rank"] != "dense"]
+        decided = any(t["verdict"] in ("yes", "no") for t in ranks)
+        verdict = _by_verdict(ranks) if decided else ("undecided" if ranks else "not run")
         measured = "; ".join(
-            f"r{t['rank']} η* {t['eta']:.3g}"
+            ("dense" if t["rank"] == "dense" else f"r{t['rank']}")
+            + f" η* {t['eta']:.3g}"
             + ("" if t["interior"] else " (edge)")
             + ("" if t["ratio"] is None else f" = {t['ratio']:.2f}× dense")
-            for t in ranks
-        ) + (f"; undecided: {_ranks_with(ranks, 'undecided (edge)')}" if ranks else "")
+            for t in everyone
+        )
         lines.append(
             f"| 1: best η equal across ranks and dense | {arch} | steps (1000) | {verdict} | "
-            f"{measured or '—'} | {done(f'lrrank-{arch}-')} |"
+            f"{measured or '—'} | {done(named(f'lrrank-{arch}-'))} |"
         )
         if arch == "qknorm":
             panels = {k: transfer_results(v) for k, v in panel_runs(rows).items()}
             measured = "; ".join(
-                f"w{w} d{d}: " + _ranks_with(panels[w, d], "yes") + " transfer"
+                f"w{w} d{d}: " + (_by_verdict(panels[w, d]) or "no rank decided")
                 for w, d in sorted(panels)
             )
             lines.append(
                 f"| 1: the same across width 64/128, depth 1/2/4 | {arch} | steps (1000) | "
                 f"{'see panels' if panels else 'not run'} | {measured or '—'} | "
-                f"{done(f'panel-{arch}-')} |"
+                f"{done(named(f'panel-{arch}-'))} |"
             )
         claim2 = {c["label"]: c for c in claim2_results(rows, arch)}
-        for label in ("equal steps", "equal FLOPs, model only", "equal FLOPs, optimizers' counted"):
+        # Rank 32 at 1000 steps (its claim-2 pieces and the grid's pieces at claim-2 η) is
+        # one side of every definition; the dense side differs.
+        grid_pieces = [
+            p
+            for p in named(f"lrrank-{arch}-")
+            if p.rank in (32, None)
+            and any(_is_one_of(f"{lr:g}", _PIECES.CLAIM2_LRS) for lr in p.lrs)
+        ]
+        low = [p for p in grid_pieces if p.rank == 32] + named(f"claim2-{arch}-r32-")
+        dense_sides = {
+            "equal steps": [p for p in grid_pieces if p.rank is None]
+            + [p for p in named(f"claim2-{arch}-dense-") if p.steps == _PIECES.STEPS],
+            "equal FLOPs, model only": [
+                p for p in named(f"claim2-{arch}-dense-flops-") if "-flops-ns-" not in p.name
+            ],
+            "equal FLOPs, optimizers' counted": named(f"claim2-{arch}-dense-flops-ns-"),
+        }
+        for label, dense_pieces in dense_sides.items():
             c = claim2.get(label)
             measured = (
                 "—"
@@ -377,7 +421,7 @@ def summary(rows: list[dict[str, str]], results: Path) -> list[str]:
             lines.append(
                 f"| 2: rank-32 LoRA-Muon ≤ dense Muon | {arch} | {label} | "
                 f"{'not run' if c is None else c['verdict']} | {measured} | "
-                f"{done(f'claim2-{arch}-')} |"
+                f"{done(low + dense_pieces)} |"
             )
     return lines
 

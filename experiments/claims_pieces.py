@@ -20,7 +20,7 @@ The grid (issue "Decide the paper's two open claims"):
   (QK-norm, RoPE, tied embedding/head; 128×64 = 8,192 tokens per step);
 * LR × rank: 1,000 steps, η on a ×1.78 grid from 0.01 to 0.316, ranks 1…32 with
   ``lora_muon`` and dense with ``muon``, seeds 0–2, both arms;
-* claim 2: rank-32 ``lora_muon`` vs dense ``muon``, seeds 0–5, η in {0.0316, 0.0562, 0.1}
+* claim 2: rank-32 ``lora_muon`` vs dense ``muon``, seeds 0–5, η in {0.0316, 0.0562, 0.1, 0.178}
   (around both arms' optima), the dense model at equal steps (1,000) and at the
   FLOP-matched steps of ``experiments/compute.py`` (without and with the optimizers' FLOPs);
   at equal steps seeds 0–2 are the LR × rank grid's runs, so those pieces run seeds 3–5;
@@ -45,7 +45,7 @@ RESULTS = HERE / "results" / "claims"
 LRS = (0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178, 0.316)  # ×1.78 (10^0.25) steps
 RANKS = (1, 2, 4, 8, 16, 32, None)
 GRID_SEEDS = (0, 1, 2)
-CLAIM2_LRS = (0.0316, 0.0562, 0.1)  # around both arms' optima
+CLAIM2_LRS = (0.0316, 0.0562, 0.1, 0.178)  # around both arms' optima (dense qknorm: >= 0.178)
 CLAIM2_SEEDS = (0, 1, 2, 3, 4, 5)
 PANEL_RANKS = (2, 8, 32, None)
 PANEL_LRS = LRS[1:-1]  # 0.0178 … 0.178
@@ -232,6 +232,11 @@ def run_piece(
     print(f"# piece {piece.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     if commit:
         files = [str(out / f"{piece.name}_{kind}.csv") for kind in ("final", "curves")]
+        if out.resolve() == RESULTS.resolve():
+            # The verdict tables in README.md and docs/reproduction.md follow the CSVs.
+            docs = [HERE.parent / "README.md", HERE.parent / "docs" / "reproduction.md"]
+            _load("claims_analysis").main(["--results", str(out), "--docs", *map(str, docs)])
+            files += [*map(str, docs), str(out / "claims_study.md"), str(out / "attention.png")]
         subprocess.run(["git", "add", *files], check=True)
         subprocess.run(
             ["git", "commit", "-q", "-m", f"claims study: piece {piece.name}"], check=True

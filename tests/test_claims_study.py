@@ -407,7 +407,7 @@ def test_panels_and_the_summary_table(analysis, tmp_path: Path) -> None:
     n_grid = sum(p.name.startswith("lrrank-qknorm-") for p in analysis._PIECES.plan())
     assert claim1.endswith(f"| 0 of {n_grid} |")  # the synthetic piece is not a planned one
     panel = next(line for line in summary if "width 64/128" in line)
-    assert "w64 d2: none transfer; w128 d2: 8 transfer" in panel
+    assert "w64 d2: undecided at 8; w128 d2: transfers at ranks 8" in panel
     assert sum("| not run |" in line for line in summary) == 7  # claim 2 x 6, base claim 1
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{analysis.BLOCK_START}\nold\n{analysis.BLOCK_END}\nafter\n")
@@ -423,3 +423,16 @@ def test_the_docs_claims_table_is_the_committed_csvs(analysis, doc: str) -> None
     results = analysis.RESULTS
     want = analysis.summary(analysis.read_all(results), results)
     assert analysis.read_block(_EXPERIMENTS.parent / doc) == want
+
+
+def test_a_curve_averages_the_seeds_common_to_all_its_points(analysis) -> None:
+    """A third seed finished at one η only must not move that point against the others."""
+    rows = [
+        _row("lrrank-qknorm-x", "qknorm", 8, lr, seed, 2.0 + 0.1 * seed + (lr == 0.1) * 0.01)
+        for lr in (0.0316, 0.0562, 0.1)
+        for seed in (0, 1)
+    ]
+    rows.append(_row("lrrank-qknorm-x", "qknorm", 8, 0.1, 2, 1.0))  # seed 2 only at η = 0.1
+    (result,) = analysis.transfer_results(rows)
+    assert result["seeds"] == 2 and result["best"] != 0.1  # without the guard 0.1 would win
+    assert analysis._curves(rows)["8"][2] == (0.1, pytest.approx(2.06))
