@@ -138,9 +138,11 @@ def _common_seeds(rows: list[dict[str, str]]) -> dict[str, set[str]]:
     return common
 
 
-def _curves(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
+def _curves(
+    rows: list[dict[str, str]], common: dict[str, set[str]] | None = None
+) -> dict[str, list[tuple[float, float]]]:
     """Per rank, the mean final validation loss per η over the rank's common seeds."""
-    common = _common_seeds(rows)
+    common = _common_seeds(rows) if common is None else common
     groups: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in rows:
         if r["seed"] in common[rank_of(r)]:
@@ -188,7 +190,8 @@ def transfer_results(grid: list[dict[str, str]]) -> list[dict[str, object]]:
     The verdict is "yes"/"no" (ratio within the tolerance or not) only where both the
     rank's and dense's optimum are interior; at a grid edge it is "undecided (edge)".
     """
-    curves, common = _curves(grid), _common_seeds(grid)
+    common = _common_seeds(grid)
+    curves = _curves(grid, common)
     dense = interpolated_optimum(curves["dense"]) if "dense" in curves else None
     out: list[dict[str, object]] = []
     for rank in sorted(curves, key=rank_order):
@@ -430,10 +433,15 @@ BLOCK_START = "<!-- claims-study table: written by experiments/plots.py from the
 BLOCK_END = "<!-- /claims-study table -->"
 
 
+def _block_span(text: str) -> tuple[int, int]:
+    """Where the block's lines start and end in ``text`` (between the two markers)."""
+    return text.index(BLOCK_START) + len(BLOCK_START), text.index(BLOCK_END)
+
+
 def write_block(path: Path, table: Sequence[str]) -> bool:
     """Replace the lines between ``BLOCK_START`` and ``BLOCK_END`` in ``path``; True if changed."""
     text = path.read_text(encoding="utf-8")
-    start, end = text.index(BLOCK_START) + len(BLOCK_START), text.index(BLOCK_END)
+    start, end = _block_span(text)
     new = text[:start] + "\n" + "\n".join(table) + "\n" + text[end:]
     if new != text:
         path.write_text(new, encoding="utf-8")
@@ -442,7 +450,7 @@ def write_block(path: Path, table: Sequence[str]) -> bool:
 
 def read_block(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
-    start, end = text.index(BLOCK_START) + len(BLOCK_START), text.index(BLOCK_END)
+    start, end = _block_span(text)
     return text[start:end].strip("\n").splitlines()
 
 
@@ -515,8 +523,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     results = Path(args.results)
+    table = summary(read_all(results), results) if args.docs else []
     for doc in args.docs:
-        if write_block(Path(doc), summary(read_all(results), results)):
+        if write_block(Path(doc), table):
             print(f"wrote the claims-study table in {doc}")
     text = report(results)
     print(text)
