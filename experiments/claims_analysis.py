@@ -338,16 +338,18 @@ def claim2_table(rows: list[dict[str, str]], arch: str) -> list[str]:
 
 
 def _by_verdict(results: list[dict[str, object]]) -> str:
-    """ "transfers at ranks 2, 8; not at 32; undecided at 1" (empty parts left out)."""
+    """ "transfers at ranks 2, 8; not at 32; undecided at 1" (empty parts left out; the
+    first part says "rank" or "ranks")."""
     parts = []
     for verdict, label in (
-        ("yes", "transfers at ranks"),
+        ("yes", "transfers at"),
         ("no", "not at"),
         ("undecided (edge)", "undecided at"),
     ):
         ranks = [str(t["rank"]) for t in results if t["verdict"] == verdict]
         if ranks:
-            parts.append(f"{label} {', '.join(ranks)}")
+            noun = "" if parts else ("ranks " if len(ranks) > 1 else "rank ")
+            parts.append(f"{label} {noun}{', '.join(ranks)}")
     return "; ".join(parts)
 
 

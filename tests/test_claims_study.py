@@ -403,11 +403,13 @@ def test_panels_and_the_summary_table(analysis, tmp_path: Path) -> None:
     assert "| 8 | 1 | 5 | 0.178 | 0.178 (edge) |" in tables and "undecided (edge)" in tables
     summary = analysis.summary(rows, tmp_path)
     claim1 = next(line for line in summary if line.startswith("| 1: best η") and "qknorm" in line)
-    assert "| transfers at ranks 8 |" in claim1 and "r8 η* 0.0562 = 1.00× dense" in claim1
+    assert "| transfers at rank 8 |" in claim1 and "r8 η* 0.0562 = 1.00× dense" in claim1
     n_grid = sum(p.name.startswith("lrrank-qknorm-") for p in analysis._PIECES.plan())
     assert claim1.endswith(f"| 0 of {n_grid} |")  # the synthetic piece is not a planned one
     panel = next(line for line in summary if "width 64/128" in line)
-    assert "w64 d2: undecided at 8; w128 d2: transfers at ranks 8" in panel
+    assert "w64 d2: undecided at rank 8; w128 d2: transfers at rank 8" in panel
+    several = [{"rank": k, "verdict": v} for k, v in ((2, "yes"), (8, "yes"), (32, "no"))]
+    assert analysis._by_verdict(several) == "transfers at ranks 2, 8; not at 32"
     assert sum("| not run |" in line for line in summary) == 7  # claim 2 x 6, base claim 1
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{analysis.BLOCK_START}\nold\n{analysis.BLOCK_END}\nafter\n")
