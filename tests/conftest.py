@@ -3,7 +3,8 @@
 One persistent XLA compilation cache per test run. Many tests build the same optimizer on
 the same shapes in fresh closures, which jit's in-memory cache cannot share, and many start
 subprocesses that compile the same programs again; the persistent cache is keyed by the
-HLO module and compile options, so those compiles are done once (a third less test time).
+HLO module and compile options, so those compiles are done once (30 % less time on the
+core optimizer tests).
 The directory is fresh for every run and removed at exit, unless ``JAX_COMPILATION_CACHE_DIR``
 is set already; subprocesses inherit it through the environment. An executable read from
 it is the one a fresh compile of the same HLO makes, so no result depends on it.
