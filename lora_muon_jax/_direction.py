@@ -80,6 +80,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # where every 1/λ̂ (bounded above within r^{1/4} by ‖Z⁴‖_F^{1/2}, Z the root) is
 # below this bound, i.e. where that error stays below ~1e-4 (measured:
 # benchmarks/numerics.py); the condition number of M R it admits is ~√bound.
+# The fast roots' 6-step schedule (GRAM_FAST_INV_SQRT_COEFFS) resolves only singular
+# values >= 5e-3 and relies on this bound: a root it leaves unresolved has an
+# eigenvalue >= 200 > √bound, so the gate sends that stack to the robust form.
 FAST_MAX_INVERSE_EIGENVALUE = 1e4
 # Every Gram's largest diagonal entry must lie in [tiny^0.8, tiny^-0.8] of the
 # compute dtype (float32: [1.4e-31, 7e30]) for the fast form: its products of
@@ -145,7 +148,8 @@ def _gram_directions(
     ]
 
     def root(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        x, scale = _polar.inverse_sqrt_normalized(stack, "gram")
+        # The 6-step schedule: the gate below rejects every root it does not resolve.
+        x, scale = _polar.inverse_sqrt_normalized(stack, "gram", fast_gate=True)
         return x, scale, _inverse_eigenvalue_bound(x)
 
     # Chain 1: S_A^{-1/2}, S_B^{-1/2} ≈ scale · X for every pair.

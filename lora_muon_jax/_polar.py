@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_muon_jax._coefficients import (  # re-exported: tests and tools read them here
+    GRAM_FAST_INV_SQRT_COEFFS,
     GRAM_INV_SQRT_COEFFS,
     GRAM_INV_SQRT_EPS,
     GRAM_INV_SQRT_FALLBACK_EPS,
@@ -149,7 +150,12 @@ def _paper_iteration(p0: jax.Array) -> jax.Array:
     return _sym(x)
 
 
-def _yz_iteration(p0: jax.Array, polish: bool = False) -> tuple[jax.Array, jax.Array]:
+Schedule = tuple[tuple[float, float, float], ...]
+
+
+def _yz_iteration(
+    p0: jax.Array, polish: bool = False, coeffs: Schedule = GRAM_INV_SQRT_COEFFS
+) -> tuple[jax.Array, jax.Array]:
     """``M = Z Y; W = aI + bM + cM²; Y ← Y W; Z ← W Z`` (Y → P₀^{1/2}, Z → P₀^{-1/2}).
 
     The two-sided coupled form (Higham 1997) stays stable under the large
@@ -164,7 +170,7 @@ def _yz_iteration(p0: jax.Array, polish: bool = False) -> tuple[jax.Array, jax.A
         w = abc[0] * eye + abc[1] * m + abc[2] * _mm(m, m)
         return (_mm(y, w), _mm(w, z)), None
 
-    table = _coeff_table(GRAM_INV_SQRT_COEFFS, p0.dtype)
+    table = _coeff_table(coeffs, p0.dtype)
     (y, z), _ = jax.lax.scan(body, (p0, eye), table)
     # A sum (not a max: XLA's max-reduce can drop NaN) so a NaN fails the check.
     residual = jnp.sum(jnp.abs(_mm(z, y) - eye), axis=(-2, -1)) / p0.shape[-1]
@@ -203,7 +209,9 @@ def normalize_psd(p: jax.Array, *, sharp: bool = False) -> tuple[jax.Array, jax.
     return p_hat, jnp.where(is_zero, 0.0, safe_diag * norm), is_zero
 
 
-def damped_inverse_sqrt(p_hat: jax.Array, eps: float, *, polish: bool = False) -> jax.Array:
+def damped_inverse_sqrt(
+    p_hat: jax.Array, eps: float, *, polish: bool = False, coeffs: Schedule = GRAM_INV_SQRT_COEFFS
+) -> jax.Array:
     """``Z ≈ (P̂ + εI)^{-1/2}`` for ``‖P̂‖_F <= 1`` (the gram schedule, with a safe retry).
 
     A matrix whose coupled iteration fails its residual check (float32
@@ -212,11 +220,13 @@ def damped_inverse_sqrt(p_hat: jax.Array, eps: float, *, polish: bool = False) -
     still non-finite becomes 0, so no NaN leaves a finite input.
     """
     eye = _eye_like(p_hat)
-    z, residual = _yz_iteration(p_hat + eps * eye, polish)
+    z, residual = _yz_iteration(p_hat + eps * eye, polish, coeffs)
     failed = ~(residual <= GRAM_INV_SQRT_TOL) & (jnp.sum(jnp.abs(p_hat), axis=(-2, -1)) > 0)
 
     def _retry(z: jax.Array) -> jax.Array:
-        z_safe, _ = _yz_iteration(p_hat + max(eps, GRAM_INV_SQRT_FALLBACK_EPS) * eye, polish)
+        z_safe, _ = _yz_iteration(
+            p_hat + max(eps, GRAM_INV_SQRT_FALLBACK_EPS) * eye, polish, coeffs
+        )
         z_safe = jnp.where(jnp.isfinite(z_safe), z_safe, 0.0)
         return jnp.where(failed[..., None, None], z_safe, z)
 
@@ -224,7 +234,11 @@ def damped_inverse_sqrt(p_hat: jax.Array, eps: float, *, polish: bool = False) -
 
 
 def inverse_sqrt_normalized(
-    p: jax.Array, method: InverseSqrtMethod = "gram", *, eps: float | None = None
+    p: jax.Array,
+    method: InverseSqrtMethod = "gram",
+    *,
+    eps: float | None = None,
+    fast_gate: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Matmul-only inverse square root, split as ``P^{-1/2} ≈ scale · X``.
 
@@ -237,6 +251,9 @@ def inverse_sqrt_normalized(
       p: symmetric positive semi-definite, shape (..., r, r), any float dtype.
       method: ``"gram"`` or ``"paper"`` (see ``_INV_SQRT_METHODS``).
       eps: (gram only) damping relative to ``‖P‖_F``; default ``GRAM_INV_SQRT_EPS``.
+      fast_gate: (gram only) the 6-step ``GRAM_FAST_INV_SQRT_COEFFS``, exact only for
+        singular values of P̂ above 5e-3: for roots that a gate on their largest
+        eigenvalue (<= 100) checks afterwards, as the Gram form's fast path does.
 
     Returns:
       ``(X, scale)`` with shapes (..., r, r) and (...), in the compute dtype.
@@ -246,7 +263,8 @@ def inverse_sqrt_normalized(
         x = _paper_iteration(p_hat + PAPER_INV_SQRT_EPS * _eye_like(p_hat))
     elif method == "gram":
         eps = GRAM_INV_SQRT_EPS if eps is None else eps
-        x = damped_inverse_sqrt(p_hat, eps, polish=eps >= GRAM_INV_SQRT_EPS)
+        coeffs = GRAM_FAST_INV_SQRT_COEFFS if fast_gate else GRAM_INV_SQRT_COEFFS
+        x = damped_inverse_sqrt(p_hat, eps, polish=eps >= GRAM_INV_SQRT_EPS, coeffs=coeffs)
     else:
         raise ValueError(f"method must be one of {sorted(_INV_SQRT_METHODS)}, got {method!r}")
     x = jnp.where(is_zero[..., None, None], 0.0, x)

@@ -311,3 +311,55 @@ def test_gram_coefficients_match_derivation() -> None:
     )
     out = _compose(_coefficients.GRAM_INV_SQRT_COEFFS, sigma)
     assert float(np.max(np.abs(out - 1.0))) <= 1e-9
+
+
+def test_fast_gate_schedule_covers_everything_its_gate_admits() -> None:
+    """The fast path's 6-step roots are exact wherever its gate passes, and only there.
+
+    Oracle: the scalar map of the coupled iteration in float64. On the design interval
+    [5e-3, 1.01] the composition takes σ to 1; below it the root's eigenvalue
+    z(σ) = map(σ)/σ stays above √FAST_MAX_INVERSE_EIGENVALUE, so the gate (which needs
+    λ_max(Z)² <= ‖Z⁴‖_F^{1/2} <= that bound) rejects every matrix the schedule leaves
+    unconverged, down to the damping floor σ = √ε.
+    """
+    from lora_muon_jax import _direction
+
+    tool = _load_derivation_tool()
+    schedule = tool.inverse_sqrt_schedule(_coefficients.GRAM_FAST_INV_SQRT_LOWER)
+    assert len(schedule) == len(_coefficients.GRAM_FAST_INV_SQRT_COEFFS) == 6
+    np.testing.assert_allclose(
+        np.asarray(schedule, np.float64),
+        np.asarray(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, np.float64),
+        rtol=0.0,
+        atol=1e-7,
+    )
+    lower = _coefficients.GRAM_FAST_INV_SQRT_LOWER
+    inside = np.geomspace(lower, 1.01, 100_001)
+    out = _compose(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, inside)
+    assert float(np.max(np.abs(out - 1.0))) <= 1e-9
+    below = np.geomspace(np.sqrt(_coefficients.GRAM_INV_SQRT_EPS), lower, 100_001)
+    z = _compose(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, below) / below
+    assert float(np.min(z)) > 1.9 * np.sqrt(_direction.FAST_MAX_INVERSE_EIGENVALUE)
+
+
+@pytest.mark.parametrize("sigma_min", [2e-2, 1e-2, 7e-3, 3e-3, 1e-3, 1e-4])
+def test_fast_gate_roots_are_exact_or_rejected(sigma_min: float) -> None:
+    """float32 roots from the fast schedule: within 1e-4 of eigh's, or the gate's bound fails.
+
+    Oracle: float64 eigh of the same normalised matrix. Eigenvalues of P̂ from σ_min² to 1.
+    """
+    from lora_muon_jax import _direction
+
+    r = 8
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((r, r)))
+    eig = np.geomspace(sigma_min**2, 1.0, r)
+    p = (q * eig) @ q.T
+    x, scale = _polar.inverse_sqrt_normalized(jnp.asarray(p, jnp.float32), fast_gate=True)
+    exact = ref.inv_sqrt(p)  # float64 eigh
+    bound = float(_direction._inverse_eigenvalue_bound(x))
+    got = np.asarray(x, np.float64) * float(scale)
+    rel = np.linalg.norm(got - exact, 2) / np.linalg.norm(exact, 2)
+    if bound <= _direction.FAST_MAX_INVERSE_EIGENVALUE:
+        assert rel < 1e-4, (sigma_min, bound, rel)
+    else:
+        assert sigma_min < 1.5e-2, (sigma_min, bound)  # rejected only where it should be
