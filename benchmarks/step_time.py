@@ -115,7 +115,7 @@ class Measured:
         # Every round restarts from the same parameters and state, so every round times
         # the same steps. Carried on, the fixed gradient (0.1 x the initial parameters)
         # at lr 0.1 drives lora_muon's factors to where its fast form's gate fails after
-        # ~60 steps (measured), and the loop would time its robust form (step_breakdown's
+        # ~65 steps (measured), and the loop would time its robust form (step_breakdown's
         # row) for part of the rounds: a different program, not the same work.
         grads = self.args[2]
         p, s = jax.block_until_ready(self._fresh_carry())

@@ -289,12 +289,22 @@ def _compose(coeffs: Sequence[tuple[float, float, float]], sigma: np.ndarray) ->
     return sigma
 
 
-def test_gram_coefficients_match_derivation() -> None:
+@pytest.mark.parametrize(
+    ("lower", "coeffs"),
+    [
+        (_coefficients.GRAM_INV_SQRT_LOWER, _coefficients.GRAM_INV_SQRT_COEFFS),
+        (_coefficients.GRAM_FAST_INV_SQRT_LOWER, _coefficients.GRAM_FAST_INV_SQRT_COEFFS),
+    ],
+    ids=["gram", "fast_gate"],
+)
+def test_gram_coefficients_match_derivation(
+    lower: float, coeffs: Sequence[tuple[float, float, float]]
+) -> None:
     tool = _load_derivation_tool()
-    schedule = tool.inverse_sqrt_schedule(_coefficients.GRAM_INV_SQRT_LOWER)
+    schedule = tool.inverse_sqrt_schedule(lower)
     np.testing.assert_allclose(
         np.asarray(schedule, np.float64),
-        np.asarray(_coefficients.GRAM_INV_SQRT_COEFFS, np.float64),
+        np.asarray(coeffs, np.float64),
         rtol=0.0,
         # Where the Remez exchange stops depends on LAPACK's rounding: re-derived
         # on two x86 machines the coefficients differ by up to 7e-9. The
@@ -303,40 +313,24 @@ def test_gram_coefficients_match_derivation() -> None:
     )
     # The coupled iteration acts on σ = √eigenvalue as σ ↦ aσ + bσ³ + cσ⁵ per step:
     # the composition must take the whole design interval [ℓ, γ] to 1.
-    sigma = np.concatenate(
-        [
-            np.geomspace(_coefficients.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
-            np.linspace(_coefficients.GRAM_INV_SQRT_LOWER, 1.01, 100_001),
-        ]
-    )
-    out = _compose(_coefficients.GRAM_INV_SQRT_COEFFS, sigma)
+    sigma = np.concatenate([np.geomspace(lower, 1.01, 100_001), np.linspace(lower, 1.01, 100_001)])
+    out = _compose(coeffs, sigma)
     assert float(np.max(np.abs(out - 1.0))) <= 1e-9
 
 
-def test_fast_gate_schedule_covers_everything_its_gate_admits() -> None:
-    """The fast path's 6-step roots are exact wherever its gate passes, and only there.
+def test_fast_gate_schedule_leaves_unresolved_only_what_its_gate_rejects() -> None:
+    """Below the fast schedule's design interval the gate cannot pass.
 
-    Oracle: the scalar map of the coupled iteration in float64. On the design interval
-    [5e-3, 1.01] the composition takes σ to 1; below it the root's eigenvalue
-    z(σ) = map(σ)/σ stays above √FAST_MAX_INVERSE_EIGENVALUE, so the gate (which needs
-    λ_max(Z)² <= ‖Z⁴‖_F^{1/2} <= that bound) rejects every matrix the schedule leaves
-    unconverged, down to the damping floor σ = √ε.
+    Oracle: the scalar map of the coupled iteration in float64 (the design interval
+    [5e-3, 1.01] itself: test_gram_coefficients_match_derivation[fast_gate]). Below it
+    the root's eigenvalue z(σ) = map(σ)/σ stays above √FAST_MAX_INVERSE_EIGENVALUE, so
+    the gate (which needs λ_max(Z)² <= ‖Z⁴‖_F^{1/2} <= that bound) rejects every matrix
+    the 6 steps leave unconverged, down to the damping floor σ = √ε.
     """
     from lora_muon_jax import _direction
 
-    tool = _load_derivation_tool()
-    schedule = tool.inverse_sqrt_schedule(_coefficients.GRAM_FAST_INV_SQRT_LOWER)
-    assert len(schedule) == len(_coefficients.GRAM_FAST_INV_SQRT_COEFFS) == 6
-    np.testing.assert_allclose(
-        np.asarray(schedule, np.float64),
-        np.asarray(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, np.float64),
-        rtol=0.0,
-        atol=1e-7,
-    )
+    assert len(_coefficients.GRAM_FAST_INV_SQRT_COEFFS) == 6
     lower = _coefficients.GRAM_FAST_INV_SQRT_LOWER
-    inside = np.geomspace(lower, 1.01, 100_001)
-    out = _compose(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, inside)
-    assert float(np.max(np.abs(out - 1.0))) <= 1e-9
     below = np.geomspace(np.sqrt(_coefficients.GRAM_INV_SQRT_EPS), lower, 100_001)
     z = _compose(_coefficients.GRAM_FAST_INV_SQRT_COEFFS, below) / below
     assert float(np.min(z)) > 1.9 * np.sqrt(_direction.FAST_MAX_INVERSE_EIGENVALUE)
